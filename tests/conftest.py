@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny randomly initialised Llama / Qwen2 models built from configs, and the data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+SHARED_DATA = Path(os.environ.get("RKU_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+VOCAB = 96
+
+
+def tiny_config(family: str, **overrides):
+    """A 2-layer GQA model (6 query heads over 2 KV groups) that runs in milliseconds."""
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    common.update(overrides)
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "qwen2":
+        return Qwen2Config(**common)
+    raise ValueError(family)
+
+
+def tiny_model(family: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model_cls = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}[family]
+    model = model_cls(tiny_config(family, **overrides)).eval()
+    # Random init leaves biases at zero; give Qwen2's q/k/v biases values so that slicing them is tested.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.1)
+    return model
+
+
+def tiny_batches(n_batches: int = 3, batch_size: int = 2, seq_len: int = 12, seed: int = 0, pad: bool = True):
+    """Random token batches with left padding on the first sample, as a tokenizer would make them."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n_batches):
+        ids = torch.randint(3, VOCAB, (batch_size, seq_len), generator=gen)
+        mask = torch.ones_like(ids)
+        if pad:
+            mask[0, :3] = 0
+            ids[0, :3] = 0
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def tiny_tokenizer(tmp_path: Path) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over digits, letters and punctuation, built without downloads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    chars = list("0123456789+-*/=.,$#<>()?! abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ\n:'")
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for ch in chars:
+        vocab.setdefault(ch, len(vocab))
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.padding_side = "left"
+    return fast
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} is missing")
+    return SHARED_DATA
