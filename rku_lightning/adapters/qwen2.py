@@ -1,0 +1,11 @@
+"""Qwen2 layout: Llama's module names, with q/k/v biases (sliced with their rows) and no o_proj bias."""
+
+from __future__ import annotations
+
+from .llama import LlamaAdapter
+
+
+class Qwen2Adapter(LlamaAdapter):
+    """Shares Llama's module tree (biases are found and sliced generically); its own family for Qwen2-only needs."""
+
+    architectures = ("Qwen2ForCausalLM",)

@@ -1,0 +1,117 @@
+"""Physical removal: slice the weights of masked structures away so the model really shrinks.
+
+The sliced model runs the family's unchanged forward code (generate and KV cache included): the
+projections get new shapes and the attention module its new q-per-kv ratio; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapters import LayerView, ModelAdapter, base_linear, get_adapter, unwrap_model
+
+
+def _slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
+    weight = linear.weight.data
+    if rows is not None:
+        weight = weight.index_select(0, rows.to(weight.device))
+        if linear.bias is not None:
+            linear.bias = nn.Parameter(
+                linear.bias.data.index_select(0, rows.to(weight.device)).clone(), linear.bias.requires_grad
+            )
+    if cols is not None:
+        weight = weight.index_select(1, cols.to(weight.device))
+    linear.weight = nn.Parameter(weight.clone(), linear.weight.requires_grad)
+    linear.out_features, linear.in_features = linear.weight.shape
+
+
+def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).flatten()
+
+
+def keep_layer(adapter: ModelAdapter, view: LayerView, channels: torch.Tensor, heads: torch.Tensor, groups: torch.Tensor) -> None:
+    """Keep only these MLP channels, query heads and KV groups of one layer (indices into its current shapes)."""
+    if heads.numel() % max(groups.numel(), 1) or groups.numel() == 0:
+        raise ValueError(f"layer {view.index}: every kept KV group must keep the same number of query heads")
+    for module in view.mlp_rows:
+        _slice_linear(base_linear(module), rows=channels)
+    _slice_linear(base_linear(view.mlp_out), cols=channels)
+    head_rows = _head_rows(heads, view.head_dim)
+    _slice_linear(base_linear(view.q), rows=head_rows)
+    _slice_linear(base_linear(view.o), cols=head_rows)
+    for module in view.kv_rows:
+        _slice_linear(base_linear(module), rows=_head_rows(groups, view.head_dim))
+    adapter.set_attention_shape(view, int(heads.numel()), int(groups.numel()))
+
+
+def layer_shapes_uniform(plan: dict) -> bool:
+    shapes = {(len(l["mlp_channels"]), len(l["heads"]), len(l["kv_groups"])) for l in plan["layers"]}
+    return len(shapes) == 1
+
+
+def apply_plan(model: nn.Module, plan: dict) -> None:
+    """Give a freshly built dense model the per-layer shapes recorded in `plan` (used when loading)."""
+    adapter = get_adapter(model)
+    for view, layer in zip(adapter.views(), plan["layers"]):
+        keep_layer(adapter, view, *(torch.tensor(layer[k]) for k in ("mlp_channels", "heads", "kv_groups")))
+
+
+def _compose(previous: dict | None, layer: int, key: str, kept: list[int]) -> list[int]:
+    """Indices into the original model, through an earlier compaction if there was one."""
+    if previous is None:
+        return kept
+    earlier = previous["layers"][layer][key]
+    return [earlier[i] for i in kept]
+
+
+def compact(model: nn.Module) -> dict:
+    """Remove masked structures physically, drop the gates, and return the pruning plan.
+
+    The plan (`model.rku_pruning_plan`) lists per layer the kept original indices of MLP channels,
+    query heads and KV groups. When every layer has the same shape, the config is updated so that
+    `AutoModelForCausalLM.from_pretrained` can load a saved copy directly.
+    """
+    model = unwrap_model(model)
+    gates = getattr(model, "rku_gates", None)
+    if gates is None:
+        raise ValueError("compact: the model has no pruning masks; run StructuredPruner(model).prune(...) first")
+    if any(hasattr(m, "base_layer") for m in model.modules()):
+        raise ValueError("compact: the model still has LoRA adapters; merge them first (peft merge_and_unload)")
+    adapter = get_adapter(model)
+    config = model.config
+    previous = getattr(model, "rku_pruning_plan", None)
+    original = (previous or {}).get("original") or {
+        "num_hidden_layers": config.num_hidden_layers,
+        "intermediate_size": config.intermediate_size,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": adapter.layer_view(0).head_dim,
+    }
+    layers = []
+    with torch.no_grad():
+        for view in adapter.views():
+            channels = torch.nonzero(gates.mlp[view.index].cpu() > 0).flatten()
+            heads = torch.nonzero(gates.heads[view.index].cpu() > 0).flatten()
+            groups = torch.nonzero((gates.heads[view.index].cpu() > 0).view(view.num_groups, -1).any(1)).flatten()
+            layers.append(
+                {
+                    "mlp_channels": _compose(previous, view.index, "mlp_channels", channels.tolist()),
+                    "heads": _compose(previous, view.index, "heads", heads.tolist()),
+                    "kv_groups": _compose(previous, view.index, "kv_groups", groups.tolist()),
+                }
+            )
+            keep_layer(adapter, view, channels, heads, groups)
+    gates.detach()
+    del model.rku_gates
+    plan = {**gates.info, "original": original, "layers": layers}
+    plan["uniform_shapes"] = layer_shapes_uniform(plan)
+    if plan["uniform_shapes"]:
+        first = layers[0]
+        config.update(
+            adapter.uniform_config_update(
+                len(first["mlp_channels"]), len(first["heads"]), len(first["kv_groups"]), original["head_dim"]
+            )
+        )
+    model.rku_pruning_plan = plan
+    return plan

@@ -1,0 +1,56 @@
+"""Scoring objectives Phi(x), one value per calibration sample so that gate gradients are per sample.
+
+- `ce`: mean next-token cross-entropy over the sample's labelled tokens (labels default to the
+  non-padding input tokens; -100 marks tokens to ignore, e.g. a masked prompt).
+- `hidden`: label-free, 0.5 * mean over the sample's tokens of ||h_L||^2, h_L the last decoder
+  layer's output before the final norm. Usable on questions-only text.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .adapters import ModelAdapter
+
+Objective = Callable[[ModelAdapter, dict[str, torch.Tensor]], torch.Tensor]
+
+
+def _labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    labels = batch.get("labels")
+    if labels is not None:
+        return labels
+    return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+
+def cross_entropy_objective(adapter: ModelAdapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = adapter.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = _labels(batch)[:, 1:]
+    logits = logits[:, :-1].float()
+    token_loss = F.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
+    valid = (labels != -100).to(token_loss.dtype)
+    return (token_loss * valid).sum(1) / valid.sum(1).clamp_min(1)
+
+
+def hidden_energy_objective(adapter: ModelAdapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    captured: list[torch.Tensor] = []
+    handle = adapter.final_norm().register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    try:
+        adapter.decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        handle.remove()
+    hidden = captured[-1].float()
+    mask = batch["attention_mask"].to(hidden.dtype)
+    energy = 0.5 * hidden.pow(2).sum(-1)
+    return (energy * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+OBJECTIVES: dict[str, Objective] = {"ce": cross_entropy_objective, "hidden": hidden_energy_objective}
+
+
+def get_objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {name!r}")
+    return OBJECTIVES[name]

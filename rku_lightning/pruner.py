@@ -1,0 +1,366 @@
+"""`StructuredPruner`: calibrate (accumulate statistics), then prune (mask) toward a sparsity.
+
+Masks live in `StructureGates` attached to the model (`model.rku_gates`), so that `compact(model)`
+and `save_pruned` need nothing but the model. Sparsity is the fraction of decoder-layer parameters
+removed (embeddings, final norm and LM head excluded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapters import LayerView, get_adapter, unwrap_model
+from .allocation import LayerOffer, fill_pool, group_steps, head_slice_steps, max_removable, mlp_steps
+from .gates import StructureGates
+from .importance import Importance, get_importance
+from .objectives import get_objective
+from .statistics import CalibrationStatistics
+from .structures import head_param_count, kv_param_count, unit_param_counts
+
+ALLOCATIONS = ("global", "uniform")
+ATTENTION_MODES = ("groups", "query_heads")
+
+
+@dataclass
+class LayerReport:
+    layer: int
+    mlp_channels: int
+    mlp_channels_total: int
+    heads: int
+    heads_total: int
+    kv_groups: int
+    kv_groups_total: int
+
+
+@dataclass
+class PruneReport:
+    """What a pruning step left: sparsity, parameter counts, KV-cache size and per-layer kept counts."""
+
+    target_sparsity: float
+    sparsity: float
+    total_sparsity: float
+    decoder_params_before: int
+    decoder_params_after: int
+    total_params_before: int
+    total_params_after: int
+    kv_cache_bytes_per_token_before: int
+    kv_cache_bytes_per_token_after: int
+    importance: str
+    allocation: str
+    objective: str
+    attention: str
+    layers: list[LayerReport] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [
+            f"importance={self.importance} allocation={self.allocation} objective={self.objective} attention={self.attention}",
+            f"decoder sparsity {self.sparsity:.2%} (target {self.target_sparsity:.2%}); of all parameters {self.total_sparsity:.2%}",
+            f"parameters {self.total_params_before:,} -> {self.total_params_after:,}",
+            f"KV cache bytes/token {self.kv_cache_bytes_per_token_before:,} -> {self.kv_cache_bytes_per_token_after:,}",
+            "layer  mlp kept        heads  kv groups",
+        ]
+        for r in self.layers:
+            lines.append(
+                f"{r.layer:5d}  {r.mlp_channels:5d}/{r.mlp_channels_total:<6d} {r.heads:3d}/{r.heads_total:<3d} "
+                f"{r.kv_groups:3d}/{r.kv_groups_total}"
+            )
+        return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """Scoring needs gate gradients only: no weight-gradient memory, whatever the caller set."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _check_fraction(name: str, value: float, low_open: bool = False) -> float:
+    if not isinstance(value, (int, float)) or math.isnan(value) or not (0 <= value < 1) or (low_open and value == 0):
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+class StructuredPruner:
+    """Scores MLP channels and attention groups/heads of a causal LM and masks the weakest ones.
+
+    Args:
+        model: a supported Hugging Face causal LM (Llama, Mistral, Qwen2), optionally peft-wrapped.
+        importance: a registered method name (`rku`, `kinetic`, `taylor`, `magnitude`, `wanda_sp`,
+            `flap`, `random`) or an `Importance` instance.
+        allocation: `global` (one ranking across layers per structure type) or `uniform`.
+        objective: `ce` or `hidden` (gradient methods only).
+        attention: `groups` (remove KV groups with their query heads; shrinks the KV cache) or
+            `query_heads` (remove query heads, the same number from every group of a layer).
+        min_mlp_keep: fraction of each layer's MLP channels that always stays.
+        micro_batch_size: split calibration batches to bound activation memory.
+        seed: seed of the `random` importance.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        importance: str | Importance = "rku",
+        allocation: str = "global",
+        objective: str = "ce",
+        attention: str = "groups",
+        min_mlp_keep: float = 0.1,
+        micro_batch_size: int | None = None,
+        seed: int = 0,
+        progress: bool = True,
+    ):
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        _check_fraction("min_mlp_keep", min_mlp_keep)
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be a positive integer or None, got {micro_batch_size!r}")
+        self.importance = get_importance(importance, **({"seed": seed} if importance == "random" else {}))
+        self.objective_name = objective
+        self.objective = get_objective(objective)
+        self.allocation = allocation
+        self.attention = attention
+        self.min_mlp_keep = float(min_mlp_keep)
+        self.micro_batch_size = micro_batch_size
+        self.progress = progress
+        self.model = unwrap_model(model)
+        self.adapter = get_adapter(self.model)
+        gates = getattr(self.model, "rku_gates", None)
+        if gates is None:
+            gates = StructureGates(self.adapter)
+            self.model.rku_gates = gates
+        self.gates: StructureGates = gates
+        self.gates.attach()
+        self.stats = CalibrationStatistics()
+        self.history: list[PruneReport] = []
+        self._decoder_total = sum(p.numel() for layer in self.adapter.decoder_layers() for p in layer.parameters())
+        self._model_total = sum(p.numel() for p in self.model.parameters())
+
+    # -- calibration -----------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget accumulated statistics (masks stay)."""
+        self.stats.reset()
+
+    def calibrate(self, batches: Iterable[dict[str, torch.Tensor]], max_batches: int | None = None) -> int:
+        """Accumulate statistics over `batches` (dicts with input_ids, attention_mask[, labels]); returns the count."""
+        self.gates.attach()
+        device = next(self.model.parameters()).device
+        seen = 0
+        iterator = tqdm(batches, desc=f"calibrate ({self.importance.name})", total=max_batches, disable=not self.progress)
+        with frozen_parameters(self.model), eval_mode(self.model):
+            for batch in iterator:
+                if max_batches is not None and seen >= max_batches:
+                    break
+                if self.importance.needs_calibration:
+                    for micro in self._micro_batches(batch, device):
+                        self._accumulate(micro)
+                seen += 1
+        if seen == 0:
+            raise ValueError("batches is empty: calibrate() needs at least one batch of input_ids/attention_mask")
+        return seen
+
+    def _micro_batches(self, batch: dict, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+        if "input_ids" not in batch or "attention_mask" not in batch:
+            raise ValueError(f"calibration batches need input_ids and attention_mask, got keys {sorted(batch)}")
+        keys = [k for k in ("input_ids", "attention_mask", "labels") if k in batch]
+        size = batch["input_ids"].shape[0]
+        step = self.micro_batch_size or size
+        for start in range(0, size, step):
+            yield {k: batch[k][start : start + step].to(device) for k in keys}
+
+    def _record(self, token_mask: torch.Tensor):
+        return lambda source, layer, x: self.stats.add_activations(source, layer, x, token_mask)
+
+    def _accumulate(self, batch: dict[str, torch.Tensor]) -> None:
+        self.gates.recorder = self._record(batch["attention_mask"])
+        try:
+            if not self.importance.needs_gradients:
+                with torch.no_grad():
+                    self.adapter.decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                return
+            gates = self.gates.start_scoring(batch["input_ids"].shape[0], batch["input_ids"].device)
+            with torch.enable_grad():
+                phi = self.objective(self.adapter, batch).sum()
+                leaves = gates["mlp"] + gates["heads"]
+                grads = torch.autograd.grad(phi, leaves, allow_unused=True)
+        finally:
+            self.gates.recorder = None
+            self.gates.stop_scoring()
+        n = len(gates["mlp"])
+        for i, view in enumerate(self.adapter.views()):
+            g_mlp = grads[i] if grads[i] is not None else torch.zeros_like(gates["mlp"][i])
+            g_heads = grads[n + i] if grads[n + i] is not None else torch.zeros_like(gates["heads"][i])
+            self.stats.add_gradients("mlp", i, g_mlp)
+            self.stats.add_gradients("head", i, g_heads)
+            self.stats.add_gradients("group", i, g_heads.view(g_heads.shape[0], view.num_groups, -1).sum(-1))
+
+    # -- pruning ---------------------------------------------------------------------------------
+    def _alive(self, view: LayerView) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mlp = self.gates.mlp[view.index].cpu() > 0
+        heads = self.gates.heads[view.index].cpu() > 0
+        groups = heads.view(view.num_groups, view.heads_per_group).any(1)
+        return mlp, heads, groups
+
+    def _offer(self, view: LayerView, with_scores: bool) -> LayerOffer:
+        mlp_alive, heads_alive, groups_alive = self._alive(view)
+        channel_cost = float(unit_param_counts(view, "mlp")[0])
+        head_cost, kv_cost = float(head_param_count(view)), float(kv_param_count(view))
+        group_cost = kv_cost + view.heads_per_group * head_cost
+        floor = max(1, math.ceil(self.min_mlp_keep * view.num_channels))
+        if self.attention == "groups":
+            kind, alive = "group", groups_alive
+            attention_limit = max(0, int(groups_alive.sum()) - 1)
+        else:
+            kind, alive = "head", heads_alive
+            per_group = heads_alive.view(view.num_groups, view.heads_per_group).sum(1)
+            attention_limit = max(0, int(per_group[groups_alive].min()) - 1) if bool(groups_alive.any()) else 0
+        mlp: list = []
+        attention: list = []
+        if with_scores:
+            mlp_scores = self.importance.layer_scores(view, "mlp", self.stats, mlp_alive).cpu().double()
+            attn_scores = self.importance.layer_scores(view, kind, self.stats, alive).cpu().double()
+            mlp = mlp_steps(view.index, mlp_scores, mlp_alive, channel_cost)
+            if self.attention == "groups":
+                attention = group_steps(view.index, attn_scores, groups_alive, view.heads_per_group, group_cost)
+            else:
+                attention = head_slice_steps(view.index, attn_scores, heads_alive, view.heads_per_group, head_cost)
+        return LayerOffer(
+            layer=view.index,
+            mlp=mlp,
+            mlp_limit=max(0, int(mlp_alive.sum()) - floor),
+            attention=attention,
+            attention_limit=attention_limit,
+            mlp_step_cost=channel_cost,
+            attention_step_cost=group_cost if self.attention == "groups" else view.num_groups * head_cost,
+            removable_params=view.num_channels * channel_cost + view.num_groups * group_cost,
+            attention_params=view.num_groups * group_cost,
+            dead_mlp_params=float((~mlp_alive).sum()) * channel_cost,
+            dead_attention_params=float((~heads_alive).sum()) * head_cost + float((~groups_alive).sum()) * kv_cost,
+        )
+
+    def _removed_params(self) -> float:
+        total = 0.0
+        for view in self.adapter.views():
+            offer = self._offer(view, with_scores=False)
+            total += offer.dead_mlp_params + offer.dead_attention_params
+        return total
+
+    def sparsity(self) -> float:
+        """Fraction of decoder-layer parameters removed so far."""
+        return self._removed_params() / self._decoder_total
+
+    def prune(self, sparsity: float) -> PruneReport:
+        """Mask structures until `sparsity` of the decoder-layer parameters are removed (never revives)."""
+        _check_fraction("sparsity", sparsity)
+        if self.importance.needs_gradients and not self.stats.has_gradients or (
+            self.importance.needs_activations and not self.stats.has_activations
+        ):
+            raise RuntimeError(
+                f"importance={self.importance.name!r} needs calibration statistics: call calibrate(batches) before prune()"
+            )
+        current = self.sparsity()
+        if sparsity < current - 1e-9:
+            raise ValueError(
+                f"sparsity {sparsity:.4f} is below the {current:.4f} already pruned; pruning never revives structures"
+            )
+        self.gates.attach()
+        views = self.adapter.views()
+        offers = [self._offer(view, with_scores=True) for view in views]
+        pools = [offers] if self.allocation == "global" else [[o] for o in offers]
+        layer_totals = [sum(p.numel() for p in v.layer.parameters()) for v in views]
+        plans = []
+        for pool in pools:
+            pool_total = self._decoder_total if self.allocation == "global" else layer_totals[pool[0].layer]
+            target = sparsity * pool_total
+            reachable = max_removable(pool)
+            if reachable < target - min(o.mlp_step_cost for o in pool) / 2:
+                raise ValueError(
+                    f"sparsity {sparsity} is unreachable: min_mlp_keep={self.min_mlp_keep} and one attention group per "
+                    f"layer cap it at {reachable / pool_total:.4f} ({self.allocation} allocation); lower sparsity or min_mlp_keep"
+                )
+            plans.append(fill_pool(pool, target))
+        for plan in plans:
+            for layer, channels in plan.channels.items():
+                self.gates.mlp[layer][channels] = 0.0
+            for layer, heads in plan.heads.items():
+                self.gates.heads[layer][heads] = 0.0
+        report = self.report(target_sparsity=sparsity)
+        self.history.append(report)
+        self.gates.info = {
+            "importance": self.importance.name,
+            "allocation": self.allocation,
+            "objective": self.objective_name,
+            "attention": self.attention,
+            "calibration_samples": self.stats.num_samples(),
+            "rounds": [{"target_sparsity": r.target_sparsity, "sparsity": r.sparsity} for r in self.history],
+        }
+        return report
+
+    def max_sparsity(self) -> float:
+        """The highest sparsity the min-keep rules allow (global allocation)."""
+        return max_removable([self._offer(v, with_scores=False) for v in self.adapter.views()]) / self._decoder_total
+
+    # -- reporting and state ---------------------------------------------------------------------
+    def report(self, target_sparsity: float | None = None) -> PruneReport:
+        removed = self._removed_params()
+        views = self.adapter.views()
+        bytes_per = next(self.model.parameters()).element_size()
+        layers, kv_before, kv_after = [], 0, 0
+        for view in views:
+            mlp, heads, groups = self._alive(view)
+            layers.append(
+                LayerReport(view.index, int(mlp.sum()), mlp.numel(), int(heads.sum()), heads.numel(), int(groups.sum()), groups.numel())
+            )
+            kv_before += 2 * view.num_groups * view.head_dim * bytes_per
+            kv_after += 2 * int(groups.sum()) * view.head_dim * bytes_per
+        return PruneReport(
+            target_sparsity=self.sparsity() if target_sparsity is None else target_sparsity,
+            sparsity=removed / self._decoder_total,
+            total_sparsity=removed / self._model_total,
+            decoder_params_before=self._decoder_total,
+            decoder_params_after=int(self._decoder_total - removed),
+            total_params_before=self._model_total,
+            total_params_after=int(self._model_total - removed),
+            kv_cache_bytes_per_token_before=kv_before,
+            kv_cache_bytes_per_token_after=kv_after,
+            importance=self.importance.name,
+            allocation=self.allocation,
+            objective=self.objective_name,
+            attention=self.attention,
+            layers=layers,
+        )
+
+    def state_dict(self) -> dict:
+        return {"masks": self.gates.state_dict(), "stats": self.stats.state_dict(), "history": [r.to_dict() for r in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gates.load_state_dict(state["masks"])
+        self.stats.load_state_dict(state["stats"])
+        self.history = [
+            PruneReport(**{**r, "layers": [LayerReport(**layer) for layer in r["layers"]]}) for r in state["history"]
+        ]
