@@ -79,7 +79,7 @@ class StructureGates:
         if self.scoring is not None:
             return self.scoring[kind][index]
         mask = (self.mlp if kind == "mlp" else self.heads)[index]
-        if bool(mask.all()):
+        if bool((mask == 1).all()):
             return None
         if mask.device != x.device:
             mask = mask.to(x.device)

@@ -18,6 +18,11 @@ from .adapters import ModelAdapter
 Objective = Callable[[ModelAdapter, dict[str, torch.Tensor]], torch.Tensor]
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits lose small gate gradients; compute objectives in fp32 or better."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     labels = batch.get("labels")
     if labels is not None:
@@ -28,7 +33,7 @@ def _labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def cross_entropy_objective(adapter: ModelAdapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     logits = adapter.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = _labels(batch)[:, 1:]
-    logits = logits[:, :-1].float()
+    logits = _at_least_fp32(logits[:, :-1])
     token_loss = F.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
     valid = (labels != -100).to(token_loss.dtype)
     return (token_loss * valid).sum(1) / valid.sum(1).clamp_min(1)
@@ -41,7 +46,7 @@ def hidden_energy_objective(adapter: ModelAdapter, batch: dict[str, torch.Tensor
         adapter.decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     finally:
         handle.remove()
-    hidden = captured[-1].float()
+    hidden = _at_least_fp32(captured[-1])
     mask = batch["attention_mask"].to(hidden.dtype)
     energy = 0.5 * hidden.pow(2).sum(-1)
     return (energy * mask).sum(1) / mask.sum(1).clamp_min(1)
