@@ -1,0 +1,299 @@
+"""Reasoning metrics: final-answer accuracy, chain-of-thought NLL split by token class, perplexity.
+
+All metric states are sums (``dist_reduce_fx="sum"``), so torchmetrics syncs them across DDP ranks and
+two metric objects can be merged with ``merge_state``. The rules are documented in docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric
+from torchmetrics.text import Perplexity
+from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+
+# A number as models and people write it: optional sign and currency, thousands separators, decimals,
+# and an optional fraction `a/b`. The look-behind stops `3-4` from reading as `-4` and `x2` as `2`; a
+# minus sign counts only when it touches the number, so `16 - 3` is not `-3`.
+_NUMBER = (
+    r"(?<![\w.])(?P<sign>-(?=\$?\.?\d))?\$?\s?"
+    r"(?P<int>\d{1,3}(?:,\d{3})+(?!\d)|\d+)?(?P<frac>\.\d+)?"
+    r"(?:\s?/\s?(?P<den>\d+(?:\.\d+)?)(?![\d/]))?"
+)
+_NUMBER_RE = re.compile(_NUMBER)
+_HASHES_RE = re.compile(r"####\s*(.+)")
+_BOXED_RE = re.compile(r"\\boxed\s*\{((?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*)\}")
+_FRAC_RE = re.compile(r"\\[dt]?frac\s*\{\s*([^{}]+?)\s*\}\s*\{\s*([^{}]+?)\s*\}")
+_ANSWER_IS_RE = re.compile(
+    r"(?:final\s+answer|the\s+answer|answer)\s*(?:is|=|:)\s*:?\s*(?:\*\*)?\s*(.{0,40})", re.IGNORECASE
+)
+_LATEX_NOISE_RE = re.compile(r"\\text\{[^{}]*\}|\\[,;!: ]|\\%|\\\$|\\left|\\right|\\mathrm|\\\(|\\\)")
+
+
+def _numbers(text: str) -> list[float]:
+    """Every number in `text`, in order, with separators, currency, signs and fractions resolved."""
+    values = []
+    for match in _NUMBER_RE.finditer(text.replace("\u2212", "-")):
+        whole, frac, den = match.group("int"), match.group("frac"), match.group("den")
+        if whole is None and frac is None:
+            continue
+        value = float((whole or "0").replace(",", "") + (frac or ""))
+        if den is not None:
+            denominator = float(den)
+            if denominator == 0:
+                continue
+            value /= denominator
+        values.append(-value if match.group("sign") else value)
+    return values
+
+
+def parse_number(text: str | float | int) -> float | None:
+    """The first number in `text` (or the number itself): how gold answers such as ``"1,450,000"`` are read."""
+    if isinstance(text, bool):
+        return None
+    if isinstance(text, (int, float)):
+        return float(text) if math.isfinite(text) else None
+    found = _numbers(str(text))
+    return found[0] if found else None
+
+
+def _boxed_value(content: str) -> float | None:
+    content = _FRAC_RE.sub(r"\1/\2", content)
+    return parse_number(_LATEX_NOISE_RE.sub(" ", content))
+
+
+def extract_answer(text: str) -> float | None:
+    """The final numeric answer of a generation, or None when it states none.
+
+    Rules, first that yields a number wins (the last occurrence of each): ``#### N``, ``\\boxed{N}``,
+    "the answer is N", then the last number anywhere in the text.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"text: expected a string, got {type(text).__name__}")
+    for match in reversed(_HASHES_RE.findall(text)):
+        if (value := parse_number(match)) is not None:
+            return value
+    for match in reversed(_BOXED_RE.findall(text)):
+        if (value := _boxed_value(match)) is not None:
+            return value
+    for match in reversed(_ANSWER_IS_RE.findall(text)):
+        if (value := parse_number(_LATEX_NOISE_RE.sub(" ", _FRAC_RE.sub(r"\1/\2", match)))) is not None:
+            return value
+    found = _numbers(_LATEX_NOISE_RE.sub(" ", _FRAC_RE.sub(r"\1/\2", text)))
+    return found[-1] if found else None
+
+
+def answers_match(predicted: float | None, gold: float) -> bool:
+    """Exact numeric match, tolerant only to float round-off (``0.1 + 0.2`` equals ``0.3``)."""
+    return predicted is not None and math.isclose(predicted, gold, rel_tol=1e-6, abs_tol=1e-6)
+
+
+class ReasoningAccuracy(Metric):
+    """Share of generations whose extracted final answer equals the gold number.
+
+    Also counts generations with no extractable answer (format compliance) and their mean length, in
+    characters always and in tokens when the caller passes token counts.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for name in ("correct", "total", "no_answer", "chars", "tokens", "counted_tokens"):
+            self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(
+        self,
+        generations: Sequence[str],
+        answers: Sequence[float | str],
+        num_tokens: Sequence[int] | None = None,
+    ) -> None:
+        if len(generations) != len(answers):
+            raise ValueError(f"answers: expected {len(generations)} answers (one per generation), got {len(answers)}")
+        if num_tokens is not None and len(num_tokens) != len(generations):
+            raise ValueError(f"num_tokens: expected {len(generations)} counts, got {len(num_tokens)}")
+        for text, answer in zip(generations, answers):
+            gold = parse_number(answer)
+            if gold is None:
+                raise ValueError(f"answers: {answer!r} is not a number")
+            predicted = extract_answer(text)
+            self.correct += int(answers_match(predicted, gold))
+            self.no_answer += int(predicted is None)
+            self.chars += len(text)
+        self.total += len(generations)
+        if num_tokens is not None:
+            self.tokens += int(sum(num_tokens))
+            self.counted_tokens += len(num_tokens)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        total = self.total.clamp(min=1).float()
+        counted = self.counted_tokens.float()
+        return {
+            "accuracy": self.correct.float() / total,
+            "correct": self.correct.clone(),
+            "total": self.total.clone(),
+            "no_answer": self.no_answer.clone(),
+            "no_answer_rate": self.no_answer.float() / total,
+            "mean_chars": self.chars.float() / total,
+            "mean_tokens": self.tokens.float() / counted if self.counted_tokens > 0 else torch.tensor(float("nan")),
+        }
+
+
+# ---- token classification for the CoT NLL split -------------------------------------------------
+
+_CALC_SPAN_RE = re.compile(r"<<[^<>]*>>")
+_OPERATORS = set("+-*/×÷^%−")
+_OPERAND_NEIGHBOURS = set("0123456789()$")
+
+
+def _neighbour(text: str, start: int, step: int) -> str:
+    index = start
+    while 0 <= index < len(text) and text[index] in " \t":
+        index += step
+    return text[index] if 0 <= index < len(text) else ""
+
+
+def reasoning_char_mask(text: str) -> list[bool]:
+    """Per character: does it carry arithmetic? See docs/evaluation.md for the rules.
+
+    Inside a GSM8K ``<<...>>`` calculator span (brackets included): yes. Elsewhere: digits, ``=``, an
+    operator next to an operand (so the hyphen of "well-known" is not one), and ``.`` or ``,`` between
+    two digits (decimal point, thousands separator).
+    """
+    mask = [False] * len(text)
+    for span in _CALC_SPAN_RE.finditer(text):
+        mask[span.start() : span.end()] = [True] * (span.end() - span.start())
+    for i, ch in enumerate(text):
+        if mask[i]:
+            continue
+        if ch.isdigit() or ch == "=":
+            mask[i] = True
+        elif ch in _OPERATORS:
+            mask[i] = _neighbour(text, i - 1, -1) in _OPERAND_NEIGHBOURS - {""} or _neighbour(
+                text, i + 1, 1
+            ) in _OPERAND_NEIGHBOURS - {""}
+        elif ch in ".,":
+            mask[i] = 0 < i < len(text) - 1 and text[i - 1].isdigit() and text[i + 1].isdigit()
+    return mask
+
+
+def classify_tokens(text: str, offsets: Sequence[tuple[int, int]]) -> list[bool]:
+    """A token is a reasoning token when any character it covers is a reasoning character."""
+    chars = reasoning_char_mask(text)
+    return [any(chars[max(0, start) : min(end, len(chars))]) for start, end in offsets]
+
+
+def _offsets_by_decoding(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], text: str) -> list[tuple[int, int]]:
+    """Character spans recovered by decoding growing prefixes, for tokenizers without offset mapping."""
+    offsets, previous = [], 0
+    for i in range(len(ids)):
+        end = min(len(tokenizer.decode(list(ids[: i + 1]), skip_special_tokens=False)), len(text))
+        end = max(end, previous)
+        offsets.append((previous, end))
+        previous = end
+    return offsets
+
+
+def token_offsets(
+    tokenizer: PreTrainedTokenizerBase, text: str, use_offset_mapping: bool = True
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of `text` (no special tokens) and the character span of each token."""
+    if use_offset_mapping:
+        try:
+            encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            return list(encoded["input_ids"]), [tuple(span) for span in encoded["offset_mapping"]]
+        except (NotImplementedError, ValueError, TypeError, KeyError):
+            pass  # slow tokenizers have no offset mapping: fall back to decoding
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ids, _offsets_by_decoding(tokenizer, ids, text)
+
+
+def reasoning_token_mask(
+    tokenizer: PreTrainedTokenizerBase, text: str, use_offset_mapping: bool = True
+) -> tuple[list[int], list[bool]]:
+    """Token ids of `text` and, per token, whether it is a reasoning token."""
+    ids, offsets = token_offsets(tokenizer, text, use_offset_mapping)
+    return ids, classify_tokens(text, offsets)
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position NLL of `labels` (HF convention: aligned with the inputs, -100 ignored) and its mask.
+
+    Both outputs have the shape of ``labels[:, 1:]``: position t scores the token at t + 1.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"logits/labels: expected (B, T, V) and (B, T), got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    target = labels[:, 1:]
+    valid = target != IGNORE_INDEX
+    nll = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), target.masked_fill(~valid, 0), reduction="none"
+    )
+    return nll * valid, valid
+
+
+class ChainOfThoughtNLL(Metric):
+    """Teacher-forced NLL of gold solutions given the question, overall and per token class.
+
+    Reasoning tokens (arithmetic) versus other tokens (syntax, words): pruning that keeps fluent text but
+    loses arithmetic shows up as ``nll_reasoning`` rising faster than ``nll_other``.
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for name in ("nll", "nll_reasoning", "nll_other"):
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        for name in ("tokens", "tokens_reasoning", "tokens_other"):
+            self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, reasoning_mask: torch.Tensor) -> None:
+        """`labels` and `reasoning_mask` are aligned with the model inputs, as `encode_solution` makes them."""
+        if reasoning_mask.shape != labels.shape:
+            raise ValueError(
+                f"reasoning_mask: expected shape {tuple(labels.shape)} like labels, got {tuple(reasoning_mask.shape)}"
+            )
+        nll, valid = token_nll(logits, labels)
+        reasoning = reasoning_mask[:, 1:].bool() & valid
+        other = valid & ~reasoning
+        self.nll += nll.sum().double()
+        self.nll_reasoning += nll[reasoning].sum().double()
+        self.nll_other += nll[other].sum().double()
+        self.tokens += valid.sum()
+        self.tokens_reasoning += reasoning.sum()
+        self.tokens_other += other.sum()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        def mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+            return (total / count).float() if count > 0 else torch.tensor(float("nan"))
+
+        nll = mean(self.nll, self.tokens)
+        return {
+            "nll": nll,
+            "nll_reasoning": mean(self.nll_reasoning, self.tokens_reasoning),
+            "nll_other": mean(self.nll_other, self.tokens_other),
+            "ppl": torch.exp(nll),
+            "tokens": self.tokens.clone(),
+            "tokens_reasoning": self.tokens_reasoning.clone(),
+            "tokens_other": self.tokens_other.clone(),
+        }
+
+
+class TextPerplexity(Perplexity):
+    """torchmetrics `Perplexity` taking HF-style labels (aligned with inputs, -100 ignored)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(ignore_index=IGNORE_INDEX, **kwargs)
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:  # type: ignore[override]
+        super().update(logits[:, :-1].float(), labels[:, 1:])
