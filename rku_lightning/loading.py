@@ -143,5 +143,9 @@ def load_causal_lm(
         kwargs, folder = {}, source
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and "gguf_file" in kwargs:
+        # GGUF weights arrive dequantized; dropping the quantizer makes the model a plain, saveable one.
+        quantizer.remove_quantization_config(model)
     model.eval()
     return model, prepare_tokenizer(tokenizer)

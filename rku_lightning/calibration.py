@@ -1,0 +1,47 @@
+"""Calibration batches from a problem set: prompt + gold chain of thought (labels on the solution), or
+questions only for the label-free `hidden` objective. One fixed, seeded sample, so runs are comparable.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .data import Problem
+from .prompts import build_prompt, collate_left, encode_prompts, encode_solution
+
+
+def sample_problems(problems: Sequence[Problem], samples: int, seed: int = 0) -> list[Problem]:
+    """A seeded sample of `samples` problems in source order (all of them if there are fewer)."""
+    if samples < 1:
+        raise ValueError(f"samples must be a positive integer, got {samples}")
+    chosen = sorted(random.Random(seed).sample(range(len(problems)), min(samples, len(problems))))
+    return [problems[i] for i in chosen]
+
+
+def calibration_batches(
+    tokenizer: PreTrainedTokenizerBase,
+    problems: Sequence[Problem],
+    samples: int = 32,
+    batch_size: int = 4,
+    max_length: int = 384,
+    questions_only: bool = False,
+    seed: int = 0,
+) -> list[dict[str, torch.Tensor]]:
+    """Left-padded batches of input_ids / attention_mask (and labels unless `questions_only`)."""
+    chosen = sample_problems(problems, samples, seed)
+    batches = []
+    for start in range(0, len(chosen), batch_size):
+        chunk = chosen[start : start + batch_size]
+        if questions_only:
+            encoded = encode_prompts(tokenizer, [build_prompt(tokenizer, p.question) for p in chunk])
+            batch = {k: v[:, -max_length:] for k, v in encoded.items()}
+        else:
+            features = [encode_solution(tokenizer, p, max_length) for p in chunk]
+            batch = collate_left(features, tokenizer.pad_token_id)
+            batch.pop("reasoning_mask", None)
+        batches.append(batch)
+    return batches

@@ -1,0 +1,93 @@
+"""One-shot pruning without training: load, calibrate, prune, compact, export, and print a summary.
+
+    python -m rku_lightning.prune --model embedded:qwen2.5-coder-0.5b-instruct --sparsity 0.4 \\
+        --importance rku --allocation global --calibration ../shared/data/gsm8k/train.jsonl \\
+        --samples 32 --out outputs/qwen-rku-40
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .calibration import calibration_batches
+from .compaction import compact
+from .data import load_problems
+from .export import save_pruned
+from .importance import IMPORTANCES
+from .loading import load_causal_lm
+from .objectives import OBJECTIVES
+from .pruner import ALLOCATIONS, ATTENTION_MODES, StructuredPruner
+
+DEFAULT_CALIBRATION = Path(
+    os.environ.get("RKU_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+) / "gsm8k" / "train.jsonl"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m rku_lightning.prune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="hub id, folder, .gguf file or embedded:NAME")
+    parser.add_argument("--sparsity", type=float, required=True, help="fraction of decoder-layer parameters to remove, in [0, 1)")
+    parser.add_argument("--importance", default="rku", choices=sorted(IMPORTANCES))
+    parser.add_argument("--allocation", default="global", choices=ALLOCATIONS)
+    parser.add_argument("--objective", default="ce", choices=sorted(OBJECTIVES))
+    parser.add_argument("--attention", default="groups", choices=ATTENTION_MODES)
+    parser.add_argument("--min-mlp-keep", type=float, default=0.1)
+    parser.add_argument("--calibration", default=str(DEFAULT_CALIBRATION), help="GSM8K-style JSONL path or hub id")
+    parser.add_argument("--calibration-task", default="gsm8k", choices=("gsm8k", "svamp", "jsonl"))
+    parser.add_argument("--samples", type=int, default=32, help="calibration problems (a fixed seeded sample)")
+    parser.add_argument("--max-length", type=int, default=384, help="tokens per calibration sequence")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", required=True, help="export folder (written atomically)")
+    parser.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if not 0 <= args.sparsity < 1:
+        raise SystemExit(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if Path(args.out).exists() and not args.overwrite:
+        raise SystemExit(f"--out {args.out} already exists; choose a new folder or pass --overwrite")
+    started = time.perf_counter()
+    model, tokenizer = load_causal_lm(args.model, dtype=getattr(torch, args.dtype))
+    model.to(args.device)
+    pruner = StructuredPruner(
+        model,
+        importance=args.importance,
+        allocation=args.allocation,
+        objective=args.objective,
+        attention=args.attention,
+        min_mlp_keep=args.min_mlp_keep,
+        seed=args.seed,
+    )
+    if pruner.importance.needs_calibration:
+        problems = load_problems(args.calibration, task=args.calibration_task, split="train")
+        batches = calibration_batches(
+            tokenizer, problems, args.samples, args.batch_size, args.max_length,
+            questions_only=args.objective == "hidden", seed=args.seed,
+        )
+        pruner.calibrate(batches)
+    report = pruner.prune(args.sparsity)
+    compact(model)
+    metadata = {
+        "cli": vars(args),
+        "source_model": args.model,
+        "seconds": round(time.perf_counter() - started, 1),
+        "report": report.to_dict(),
+    }
+    save_pruned(model, tokenizer, args.out, overwrite=args.overwrite, metadata=metadata)
+    print(report.summary())
+    print(f"saved to {args.out} in {metadata['seconds']} s")
+    return report.to_dict()
+
+
+if __name__ == "__main__":
+    main()

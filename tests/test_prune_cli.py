@@ -1,0 +1,57 @@
+"""`python -m rku_lightning.prune` end to end on a tiny saved model and the local GSM8K data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+
+from rku_lightning import load_pruned
+from rku_lightning.calibration import calibration_batches, sample_problems
+from rku_lightning.data import load_problems
+from rku_lightning.prune import main
+
+
+@pytest.fixture
+def saved_tiny(tmp_path, family):
+    model = tiny_model(family, max_position_embeddings=1024)
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tiny_tokenizer(tmp_path).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("importance, objective", [("rku", "ce"), ("rku", "hidden"), ("flap", "ce")])
+def test_cli_prunes_and_exports(saved_tiny, shared_data, tmp_path, importance, objective, capsys):
+    out = tmp_path / "pruned"
+    report = main([
+        "--model", str(saved_tiny), "--sparsity", "0.3", "--importance", importance, "--objective", objective,
+        "--calibration", str(shared_data / "gsm8k" / "train.jsonl"), "--samples", "4", "--batch-size", "2",
+        "--max-length", "700", "--out", str(out),
+    ])
+    assert abs(report["sparsity"] - 0.3) < 0.012
+    printed = capsys.readouterr().out
+    assert "KV cache bytes/token" in printed and "decoder sparsity" in printed
+    model, tokenizer = load_pruned(out)
+    plan = json.loads((out / "pruning.json").read_text())
+    assert plan["report"]["sparsity"] == report["sparsity"] and plan["cli"]["samples"] == 4
+    assert sum(p.numel() for p in model.parameters()) == report["total_params_after"]
+    with pytest.raises(SystemExit, match="already exists"):
+        main(["--model", str(saved_tiny), "--sparsity", "0.3", "--out", str(out)])
+
+
+def test_calibration_batches_are_a_fixed_sample(shared_data, tmp_path):
+    tokenizer = tiny_tokenizer(tmp_path)
+    problems = load_problems(shared_data / "gsm8k" / "train.jsonl", split="train", limit=50)
+    assert sample_problems(problems, 8, seed=1) == sample_problems(problems, 8, seed=1)
+    assert sample_problems(problems, 8, seed=1) != sample_problems(problems, 8, seed=2)
+    batches = calibration_batches(tokenizer, problems, samples=5, batch_size=2, max_length=700)
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]
+    assert all((b["labels"] != -100).any() and (b["labels"] == -100).any() for b in batches)
+    questions = calibration_batches(tokenizer, problems, samples=2, batch_size=2, max_length=64, questions_only=True)
+    assert "labels" not in questions[0] and questions[0]["input_ids"].shape[1] <= 64
+    assert torch.equal(questions[0]["attention_mask"].sum(1) > 0, torch.tensor([True, True]))
+    with pytest.raises(ValueError, match="samples must be"):
+        sample_problems(problems, 0)
