@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,26 +127,51 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
     return tokenizer
 
 
-def load_causal_lm(
-    source: str | os.PathLike, dtype: torch.dtype = torch.float32
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load `(model, tokenizer)` from a hub id, a local folder, a `.gguf` file or `embedded:NAME`."""
-    source = str(source)
-    if source.startswith(EMBEDDED_PREFIX):
-        source = str(embedded_gguf_path(source[len(EMBEDDED_PREFIX) :]))
-    if source.endswith(".gguf"):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"model: GGUF file {path} does not exist")
-        kwargs = {"gguf_file": path.name}
-        folder = str(path.parent)
-    else:
-        kwargs, folder = {}, source
+def _load(folder: str, dtype: torch.dtype, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and "gguf_file" in kwargs:
         # GGUF weights arrive dequantized; dropping the quantizer makes the model a plain, saveable one.
         quantizer.remove_quantization_config(model)
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if not path.is_file():
+        raise FileNotFoundError(f"model: GGUF file {path} does not exist")
+    return _load(str(path.parent), dtype, gguf_file=path.name)
+
+
+def _load_embedded(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Convert the GGUF once and keep a Hugging Face copy in the cache: later loads take seconds, not a minute."""
+    gguf = embedded_gguf_path(name)
+    converted = cache_dir() / EMBEDDED_MODELS[name].name / "hf"
+    stamp = converted / "source.sha256"
+    if stamp.is_file() and stamp.read_text().strip() == EMBEDDED_MODELS[name].sha256:
+        return _load(str(converted), dtype)
+    model, tokenizer = _load_gguf(gguf, torch.float32)
+    converted.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".hf.", dir=converted.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "source.sha256").write_text(EMBEDDED_MODELS[name].sha256 + "\n")
+    if converted.exists():
+        shutil.rmtree(converted)
+    os.replace(tmp, converted)
+    return model.to(dtype), tokenizer
+
+
+def load_causal_lm(
+    source: str | os.PathLike, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load `(model, tokenizer)` from a hub id, a local folder, a `.gguf` file or `embedded:NAME`."""
+    source = str(source)
+    if source.startswith(EMBEDDED_PREFIX):
+        model, tokenizer = _load_embedded(source[len(EMBEDDED_PREFIX) :], dtype)
+    elif source.endswith(".gguf"):
+        model, tokenizer = _load_gguf(Path(source), dtype)
+    else:
+        model, tokenizer = _load(source, dtype)
     model.eval()
     return model, prepare_tokenizer(tokenizer)
