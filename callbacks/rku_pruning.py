@@ -1,0 +1,466 @@
+"""`RKUPruning`: turns a Lightning fine-tuning run of a Hugging Face causal LM into iterative
+prune-and-recover rounds. Orchestration only: scoring, masking, compaction and export are the
+engine's (`rku_lightning.StructuredPruner`, `compact`, `save_pruned`).
+
+A round r = 1..R is: calibrate (own pass over calibration batches, base weights frozen, only gates
+get gradients) -> prune to the schedule's sparsity -> `recovery_steps` ordinary optimizer steps of
+LoRA adapters -> merge the adapters into the base weights, re-initialise them, reset their optimizer
+state -> the validation loop evaluates the round. The callback owns the run's length
+(`max_steps = rounds * recovery_steps`) and validation cadence (every `recovery_steps` steps).
+
+The phase machine is driven by `global_step`, and its state (round, phase, masks, statistics,
+per-round records) is checkpointed, so a run resumed from a round-end checkpoint ends with the same
+masks and metrics as an uninterrupted one. Contract for the LightningModule: see docs/lightning.md.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.seed import seed_everything
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from rku_lightning.adapters import SUPPORTED_ARCHITECTURES, get_adapter, unwrap_model
+from rku_lightning.compaction import compact
+from rku_lightning.export import save_pruned
+from rku_lightning.importance import IMPORTANCES
+from rku_lightning.lora import LoRASettings, has_lora, inject_lora, lora_parameters, merge_and_reinit_, remove_lora_
+from rku_lightning.lora import reset_optimizer_state_
+from rku_lightning.objectives import OBJECTIVES
+from rku_lightning.pruner import ALLOCATIONS, ATTENTION_MODES, PruneReport, StructuredPruner
+from rku_lightning.schedules import check_schedule, sparsity_at
+
+PHASES = ("calibrate", "recover", "evaluate", "done")
+DEFAULT_LORA: dict[str, Any] = {"r": 16, "alpha": 32, "dropout": 0.05}
+#: Validation metrics recorded per round: everything the validation loop logs under these prefixes.
+METRIC_PREFIXES = ("val/", "val_")
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+class RKUPruning(Callback):
+    """Iterative structured pruning with LoRA recovery between rounds, inside one `trainer.fit`.
+
+    Args:
+        target_sparsity: fraction of decoder-layer parameters removed after the last round.
+        rounds: number of prune-and-recover rounds.
+        schedule: `cubic`, `linear` or `constant` (see `rku_lightning.schedules`).
+        importance, objective, allocation, attention, min_mlp_keep, micro_batch_size: passed to
+            `StructuredPruner`.
+        calibration_batches: batches per calibration pass, over all DDP ranks together (rank k takes
+            batches k, k + W, ...), from the datamodule's or module's `calibration_dataloader()` if
+            there is one, else from the train loader.
+        recovery_steps: optimizer steps of recovery per round.
+        lora: LoRA settings (`r`, `alpha`, `dropout`, `target_modules`) for adapters the callback
+            injects at setup; `None` injects none (recovery then trains what the module's optimizer
+            holds and nothing is merged). Adapters the module injected itself are used as they are.
+        export_dir: where rank 0 writes the compacted model with `save_pruned` (atomically).
+        report_dir: where rank 0 writes report.json / report.md / plots after every round.
+        compact_at_end: remove masked structures physically after the last round.
+        seed: seeds every round (RNG streams and adapter re-initialisation), for resumable runs.
+    """
+
+    def __init__(
+        self,
+        target_sparsity: float = 0.4,
+        rounds: int = 4,
+        schedule: str = "cubic",
+        importance: str = "rku",
+        objective: str = "ce",
+        allocation: str = "global",
+        attention: str = "groups",
+        min_mlp_keep: float = 0.1,
+        calibration_batches: int = 32,
+        recovery_steps: int = 200,
+        lora: dict[str, Any] | None = DEFAULT_LORA,
+        export_dir: str | None = None,
+        report_dir: str | None = None,
+        compact_at_end: bool = True,
+        micro_batch_size: int | None = None,
+        seed: int = 0,
+    ):
+        check_schedule(target_sparsity, rounds, schedule)
+        if importance not in IMPORTANCES:
+            raise ValueError(f"importance must be one of {sorted(IMPORTANCES)}, got {importance!r}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        if not isinstance(min_mlp_keep, (int, float)) or not 0 <= min_mlp_keep < 1:
+            raise ValueError(f"min_mlp_keep must be a number in [0, 1), got {min_mlp_keep!r}")
+        if micro_batch_size is not None:
+            _positive_int("micro_batch_size", micro_batch_size)
+        self.target_sparsity = float(target_sparsity)
+        self.rounds = rounds
+        self.schedule = schedule
+        self.importance = importance
+        self.objective = objective
+        self.allocation = allocation
+        self.attention = attention
+        self.min_mlp_keep = float(min_mlp_keep)
+        self.micro_batch_size = micro_batch_size
+        self.calibration_batches = _positive_int("calibration_batches", calibration_batches)
+        self.recovery_steps = _positive_int("recovery_steps", recovery_steps)
+        self.lora = None if lora is None else LoRASettings.from_mapping(lora, "lora")
+        self.export_dir = Path(export_dir) if export_dir else None
+        self.report_dir = Path(report_dir) if report_dir else None
+        self.compact_at_end = compact_at_end
+        self.seed = seed
+
+        self.pruner: StructuredPruner | None = None
+        self.round = 0
+        self.phase = "calibrate"
+        self.records: list[dict] = []
+        self._current: dict = {}
+        self._pending_state: dict | None = None
+        self._clock = 0.0
+        self.plan: dict | None = None
+
+    # -- contract and setup ----------------------------------------------------------------------
+    @staticmethod
+    def hf_model(pl_module: LightningModule) -> torch.nn.Module:
+        """The module's Hugging Face causal LM (`pl_module.model`), or a clear error."""
+        model = getattr(pl_module, "model", None)
+        if not isinstance(model, torch.nn.Module) or not hasattr(unwrap_model(model), "config"):
+            raise TypeError(
+                f"RKUPruning needs the LightningModule to expose its Hugging Face causal LM as `model`; "
+                f"{type(pl_module).__name__}.model is {type(model).__name__}. See docs/lightning.md."
+            )
+        try:
+            get_adapter(model)
+        except NotImplementedError as error:
+            raise TypeError(
+                f"RKUPruning: {type(pl_module).__name__}.model is a {type(unwrap_model(model)).__name__}, "
+                f"which the engine cannot prune (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            ) from error
+        return unwrap_model(model)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        model = self.hf_model(pl_module)
+        _check_strategy(trainer)
+        if stage == "fit":
+            if trainer.world_size > self.calibration_batches:
+                raise ValueError(
+                    f"calibration_batches={self.calibration_batches} leaves some of the {trainer.world_size} ranks "
+                    "without a calibration batch; use at least one per rank"
+                )
+            if self.lora is not None and not has_lora(model):
+                inject_lora(model, self.lora)
+            self._take_over_loop(trainer)
+        if self.pruner is None:
+            self.pruner = StructuredPruner(
+                model,
+                importance=self.importance,
+                allocation=self.allocation,
+                objective=self.objective,
+                attention=self.attention,
+                min_mlp_keep=self.min_mlp_keep,
+                micro_batch_size=self.micro_batch_size,
+                seed=self.seed,
+                progress=trainer.is_global_zero,
+            )
+            reachable = self.pruner.max_sparsity()
+            if self.target_sparsity > reachable:
+                raise ValueError(
+                    f"target_sparsity={self.target_sparsity} is unreachable: min_mlp_keep={self.min_mlp_keep} and one "
+                    f"attention group per layer cap this model at {reachable:.4f}"
+                )
+        self.pruner.gates.attach()  # adapters injected since creation are gated as a whole
+        if self._pending_state is not None:
+            self._apply_state(self._pending_state)
+
+    def _take_over_loop(self, trainer: Trainer) -> None:
+        """Run length and validation cadence follow the rounds; say so when the Trainer said otherwise."""
+        max_steps = self.rounds * self.recovery_steps
+        interval = self.recovery_steps * trainer.accumulate_grad_batches
+        if trainer.max_steps not in (-1, max_steps) or trainer.val_check_interval not in (None, 1.0, interval):
+            rank_zero_info(
+                f"RKUPruning sets max_steps={max_steps} and val_check_interval={interval} "
+                f"(rounds x recovery_steps); the Trainer's values are replaced"
+            )
+        trainer.fit_loop.epoch_loop.max_steps = max_steps
+        trainer.fit_loop.max_epochs = -1
+        trainer.val_check_interval = interval
+        trainer.check_val_every_n_epoch = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        optimized = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+        missing = [p for p in lora_parameters(self.hf_model(pl_module)) if id(p) not in optimized]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} LoRA parameters are not in any optimizer: configure_optimizers must optimize the "
+                "parameters that require gradients after setup (RKUPruning injects LoRA adapters at setup)"
+            )
+
+    # -- the phase machine -----------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.phase == "evaluate":  # the round ended without a validation run (no val loader)
+            self._finish_round(trainer, {})
+        if self.phase == "calibrate" and self.round < self.rounds:
+            self._start_round(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.phase == "recover" and trainer.global_step >= self.round * self.recovery_steps:
+            self._end_recovery(trainer, pl_module)
+
+    def _start_round(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        assert self.pruner is not None
+        self.round += 1
+        seed_everything(self.seed + self.round, verbose=False)
+        target = sparsity_at(self.round, self.target_sparsity, self.rounds, self.schedule)
+        start = time.perf_counter()
+        self.pruner.reset()
+        self.pruner.calibrate(self._calibration_batches(trainer, pl_module))
+        self.pruner.stats.all_reduce_()
+        report = self.pruner.prune(target)
+        self._check_masks_agree(trainer, pl_module)
+        self._current = {**self._structure_record(self.round, report), "time_calibrate_prune_s": time.perf_counter() - start}
+        self._log_prune(trainer, report)
+        self.phase = "recover"
+        self._clock = time.perf_counter()
+
+    def _end_recovery(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._current["time_recover_s"] = time.perf_counter() - self._clock
+        model = self.hf_model(pl_module)
+        if has_lora(model):
+            merge_and_reinit_(model, seed=self._adapter_seed())
+            reset_optimizer_state_(trainer.optimizers, lora_parameters(model))
+        self.phase = "evaluate"
+        self._clock = time.perf_counter()
+
+    def _adapter_seed(self) -> int:
+        return self.seed * 1_000_003 + self.round
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or self.pruner is None:
+            return
+        # Every rank holds the same masks, so no sync is needed.
+        pl_module.log("sparsity", float(self.pruner.sparsity()))
+        pl_module.log("round", float(self.round))
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(METRIC_PREFIXES) and v.numel() == 1
+        }
+        if self.phase == "evaluate":
+            self._finish_round(trainer, metrics)
+        elif self.round == 0 and trainer.state.fn == "validate" and self.pruner is not None:
+            # trainer.validate before fit: the dense model's row of the report.
+            baseline = {**self._structure_record(0, self.pruner.report(target_sparsity=0.0)), "metrics": metrics}
+            self.records = [r for r in self.records if r["round"] != 0] + [baseline]
+            self._write_reports(trainer)
+
+    def _finish_round(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        self._current["time_evaluate_s"] = time.perf_counter() - self._clock if metrics else 0.0
+        self._current["metrics"] = metrics
+        self.records.append(self._current)
+        self._current = {}
+        self.phase = "done" if self.round == self.rounds else "calibrate"
+        rank_zero_info(f"RKUPruning: round {self.round}/{self.rounds} done: " + _format_metrics(metrics))
+        self._write_reports(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.phase == "evaluate":
+            self._finish_round(trainer, {})
+        if self.phase != "done":
+            rank_zero_warn(
+                f"RKUPruning: training stopped in round {self.round}/{self.rounds} ({self.phase}); "
+                "the model keeps its masks and is not compacted or exported"
+            )
+            return
+        if not self.compact_at_end:
+            return
+        model = self.hf_model(pl_module)
+        if has_lora(model):
+            remove_lora_(model)
+        self.plan = compact(model)
+        if self.export_dir is not None:
+            if trainer.is_global_zero:
+                metadata = {"rku_lightning_rounds": self.records, "schedule": self.schedule, "target": self.target_sparsity}
+                save_pruned(model, getattr(pl_module, "tokenizer", None), self.export_dir, overwrite=True, metadata=metadata)
+                rank_zero_info(f"RKUPruning: exported the compacted model to {self.export_dir}")
+            trainer.strategy.barrier("rku_export")
+        self._write_reports(trainer)
+
+    # -- calibration data and DDP agreement ------------------------------------------------------
+    def _calibration_batches(self, trainer: Trainer, pl_module: LightningModule) -> list[dict]:
+        """This rank's share of the first `calibration_batches` batches."""
+        rank, world = trainer.global_rank, trainer.world_size
+        for holder in (trainer.datamodule, pl_module):
+            make = getattr(holder, "calibration_dataloader", None)
+            if callable(make):
+                return self._checked(_take(make(), range(rank, self.calibration_batches, world)), rank, world)
+        loader = trainer.train_dataloader
+        if isinstance(loader, (list, tuple, dict)):
+            raise ValueError(
+                "RKUPruning: several train loaders; give the datamodule a calibration_dataloader() to calibrate on"
+            )
+        # Lightning already shards the train loader across ranks: take this rank's count from its own shard.
+        return self._checked(_take(loader, range(len(range(rank, self.calibration_batches, world)))), rank, world)
+
+    def _checked(self, batches: list[dict], rank: int, world: int) -> list[dict]:
+        expected = len(range(rank, self.calibration_batches, world))
+        if len(batches) < expected:
+            rank_zero_warn(f"RKUPruning: calibration_batches={self.calibration_batches} but the loader ran out after fewer")
+        return batches
+
+    def _check_masks_agree(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.world_size == 1:
+            return
+        assert self.pruner is not None
+        gates = self.pruner.gates
+        flat = torch.cat([m.flatten().float().cpu() for m in gates.mlp + gates.heads]).to(pl_module.device)
+        gathered = trainer.strategy.all_gather(flat)
+        if not bool((gathered == gathered[0]).all()):
+            differ = [i for i in range(gathered.shape[0]) if not torch.equal(gathered[i], gathered[0])]
+            raise RuntimeError(
+                f"RKUPruning: ranks {differ} hold different masks than rank 0 after round {self.round}; "
+                "the statistics all-reduce or the model weights diverged across ranks"
+            )
+
+    # -- records, logging, state -----------------------------------------------------------------
+    @staticmethod
+    def _structure_record(round_index: int, report: PruneReport) -> dict:
+        return {
+            "round": round_index,
+            "target_sparsity": report.target_sparsity,
+            "sparsity": report.sparsity,
+            "total_sparsity": report.total_sparsity,
+            "params": report.total_params_after,
+            "decoder_params": report.decoder_params_after,
+            "kv_cache_bytes_per_token": report.kv_cache_bytes_per_token_after,
+            "layers": [vars(layer).copy() for layer in report.layers],
+        }
+
+    def _log_prune(self, trainer: Trainer, report: PruneReport) -> None:
+        rank_zero_info(f"RKUPruning: round {self.round}/{self.rounds} pruned\n{report.summary()}")
+        values = {
+            "prune/round": float(self.round),
+            "prune/target_sparsity": report.target_sparsity,
+            "prune/sparsity": report.sparsity,
+            "prune/params": float(report.total_params_after),
+            "prune/kv_cache_bytes_per_token": float(report.kv_cache_bytes_per_token_after),
+        }
+        for layer in report.layers:
+            values[f"prune/layer_{layer.layer:02d}/mlp_kept"] = layer.mlp_channels / layer.mlp_channels_total
+            values[f"prune/layer_{layer.layer:02d}/kv_groups_kept"] = layer.kv_groups / layer.kv_groups_total
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)
+
+    def _write_reports(self, trainer: Trainer) -> None:
+        if self.report_dir is None or not trainer.is_global_zero:
+            return
+        from rku_lightning.reporting import write_reports
+
+        write_reports(self.records, self.report_dir, run=self.summary())
+
+    def summary(self) -> dict:
+        """The run's settings, as written at the top of report.json."""
+        return {
+            "target_sparsity": self.target_sparsity,
+            "rounds": self.rounds,
+            "schedule": self.schedule,
+            "importance": self.importance,
+            "objective": self.objective,
+            "allocation": self.allocation,
+            "attention": self.attention,
+            "calibration_batches": self.calibration_batches,
+            "recovery_steps": self.recovery_steps,
+            "lora": None if self.lora is None else vars(self.lora).copy(),
+            "export_dir": str(self.export_dir) if self.export_dir else None,
+            "phase": self.phase,
+        }
+
+    def progress_info(self) -> dict[str, str]:
+        """Round, phase and current sparsity, for the progress bar."""
+        sparsity = self.pruner.sparsity() if self.pruner is not None else 0.0
+        return {"round": f"{self.round}/{self.rounds}", "phase": self.phase, "sparsity": f"{sparsity:.3f}"}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "phase": self.phase,
+            "records": self.records,
+            "current": self._current,
+            "pruner": self.pruner.state_dict() if self.pruner is not None else None,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores callbacks after `setup`; a state loaded earlier waits for the pruner.
+        if self.pruner is None:
+            self._pending_state = state_dict
+        else:
+            self._apply_state(state_dict)
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        if state["phase"] not in PHASES:
+            raise ValueError(f"RKUPruning state: unknown phase {state['phase']!r}")
+        self.round, self.phase = int(state["round"]), state["phase"]
+        self.records = list(state["records"])
+        self._current = dict(state["current"])
+        if state["pruner"] is not None and self.pruner is not None:
+            self.pruner.load_state_dict(state["pruner"])
+        self._pending_state = None
+        self._clock = time.perf_counter()
+
+
+def _check_strategy(trainer: Trainer) -> None:
+    """Single device and DDP (one process per device, e.g. torchrun or Lightning's `ddp`) only.
+
+    Sharded strategies (FSDP, DeepSpeed) split the weights that gates, merges and compaction edit in
+    place; spawned DDP hands rank 0's weights back to a main process whose model was never compacted.
+    """
+    strategy = trainer.strategy
+    if isinstance(strategy, SingleDeviceStrategy):
+        return
+    if isinstance(strategy, DDPStrategy) and getattr(strategy, "_start_method", "popen") == "popen":
+        return
+    raise ValueError(
+        f"strategy: RKUPruning supports single-device and DDP (`strategy='ddp'`, torchrun) training, not "
+        f"{type(strategy).__name__}{' with spawned processes' if isinstance(strategy, DDPStrategy) else ''}; "
+        "see docs/lightning.md"
+    )
+
+
+def _take(loader: Any, positions: range) -> list[dict]:
+    """The batches of `loader` at `positions` (an increasing range), stopping early at the loader's end."""
+    wanted, batches = set(positions), []
+    last = positions[-1] if len(positions) else -1
+    for index, batch in enumerate(loader):
+        if index > last:
+            break
+        if index in wanted:
+            if not isinstance(batch, dict):
+                raise ValueError(f"calibration batches must be dicts with input_ids/attention_mask, got {type(batch).__name__}")
+            batches.append(batch)
+    return batches
+
+
+def _format_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if math.isfinite(v)) or "no validation metrics"
+
+
+class RKUProgressBar(TQDMProgressBar):
+    """The TQDM bar plus round, phase and current sparsity of the run's `RKUPruning` callback."""
+
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, int | str | float | dict[str, float]]:
+        items = super().get_metrics(trainer, pl_module)
+        for callback in trainer.callbacks:
+            if isinstance(callback, RKUPruning):
+                items.update(callback.progress_info())
+        return items
