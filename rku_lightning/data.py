@@ -1,8 +1,8 @@
 """Math word-problem sets in one record form: question, gold solution text (if any), numeric answer.
 
 Sources are a local JSONL file (or a folder holding ``{split}.jsonl``) or a ``datasets`` hub id; both
-are read through ``datasets``. Local files are checked line by line first so that a bad line is
-reported with its file and line number instead of an Arrow parse error.
+are read through ``datasets``. Local lines are parsed one by one so that a bad line is reported with
+its file and line number and skipped (or, with ``strict``, raised) instead of failing the whole set.
 """
 
 from __future__ import annotations
@@ -116,23 +116,26 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_lines(path: Path, task: str, fields: FieldSpec) -> tuple[list[int], list[str]]:
-    """Line numbers of usable records and a `file:line: reason` message for every malformed one."""
-    good, errors = [], []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-                to_problem(row, task, fields, index=0)
-            except ValueError as error:  # json.JSONDecodeError is a ValueError
-                errors.append(f"{path}:{line_no}: {error}")
-                continue
-            good.append(line_no)
-    return good, errors
+def _read_jsonl(path: Path, task: str, fields: FieldSpec) -> tuple[list[Problem], list[str]]:
+    """Problems of a JSONL file and a `file:line: reason` message for every malformed line.
+
+    datasets' "text" builder reads the file (one row per line, blank ones included, so row numbers are
+    line numbers); each line is parsed here because the JSON builder stops at the first bad line
+    without naming it and rejects columns whose type varies between records.
+    """
+    lines = datasets.load_dataset("text", data_files=str(path), split="train")["text"]
+    problems, errors = [], []
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            problems.append(to_problem(row, task, fields, index=line_no - 1))
+        except ValueError as error:  # json.JSONDecodeError is a ValueError
+            errors.append(f"{path}:{line_no}: {error}")
+    return problems, errors
 
 
 def _resolve_local(source: Path, split: str | None) -> Path:
@@ -173,23 +176,10 @@ def load_problems(
     local = Path(source)
     if local.exists():
         path = _resolve_local(local, split)
-        good, errors = _check_lines(path, task, fields)
+        problems, errors = _read_jsonl(path, task, fields)
         if errors and strict:
             raise ValueError(f"source: {len(errors)} malformed line(s):\n" + "\n".join(errors))
-        if errors:
-            shown = "\n".join(errors[:20]) + (f"\n... and {len(errors) - 20} more" if len(errors) > 20 else "")
-            warnings.warn(f"skipping {len(errors)} malformed line(s) of {path}:\n{shown}", stacklevel=2)
-        if not good:
-            raise ValueError(f"source: {path} has no usable record" + (f" ({errors[0]})" if errors else ""))
-        if errors:
-            # The JSON reader would stop at the first bad line: hand datasets the good records only.
-            with open(path, encoding="utf-8") as handle:
-                lines = handle.readlines()
-            rows = datasets.Dataset.from_list([json.loads(lines[n - 1]) for n in good])
-        else:
-            rows = datasets.load_dataset("json", data_files=str(path), split="train")
-        indices = [n - 1 for n in good]  # 0-based line numbers
-        result = ProblemSet([], str(source), task, split, str(path.resolve()), _sha256(path), errors)
+        result = ProblemSet(problems[:limit], str(source), task, split, str(path.resolve()), _sha256(path), errors)
     else:
         hub_split = split or "test"
         try:
@@ -198,18 +188,17 @@ def load_problems(
             raise ValueError(
                 f"source: {source!r} is neither an existing path nor a loadable hub dataset ({error})"
             ) from error
-        indices = list(range(len(rows)))
         result = ProblemSet([], str(source), task, hub_split)
-    count = len(rows) if limit is None else min(limit, len(rows))
-    bad_rows = []  # only hub rows can fail here: local lines were checked above
-    for position in range(count):
-        try:
-            result.problems.append(to_problem(rows[position], task, fields, indices[position]))
-        except ValueError as error:
-            bad_rows.append(f"{source}[{indices[position]}]: {error}")
-    if bad_rows:
-        warnings.warn(f"skipping {len(bad_rows)} malformed record(s):\n" + "\n".join(bad_rows[:20]), stacklevel=2)
-        result.skipped.extend(bad_rows)
+        for index in range(len(rows) if limit is None else min(limit, len(rows))):
+            try:
+                result.problems.append(to_problem(rows[index], task, fields, index))
+            except ValueError as error:
+                result.skipped.append(f"{source}[{index}]: {error}")
+    if result.skipped:
+        shown = "\n".join(result.skipped[:20])
+        more = f"\n... and {len(result.skipped) - 20} more" if len(result.skipped) > 20 else ""
+        warnings.warn(f"skipping {len(result.skipped)} malformed record(s):\n{shown}{more}", stacklevel=2)
     if not result.problems:
-        raise ValueError(f"source: {source!r} has no usable record ({result.skipped[0] if result.skipped else 'empty'})")
+        first = f" ({result.skipped[0]})" if result.skipped else ""
+        raise ValueError(f"source: {source!r} has no usable record{first}")
     return result

@@ -176,6 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-length", type=int, default=1024, help="token limit of scored sequences")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--json", required=True, type=Path, help="report file; predictions go beside it as .predictions.jsonl")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (fewer than cores avoids oversubscription)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -194,10 +195,12 @@ def _print_table(metrics: dict) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    for name in ("limit", "batch_size", "max_new_tokens", "max_length"):
+    for name in ("limit", "batch_size", "max_new_tokens", "max_length", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SystemExit(f"--{name.replace('_', '-')}: must be a positive integer, got {value}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     data = args.data or str(default_data(args.task))
     fields = dict(question_field=args.question_field, answer_field=args.answer_field, solution_field=args.solution_field)
     problems = load_problems(data, args.task, split=args.split, limit=args.limit, **fields)
