@@ -16,6 +16,7 @@ import platform
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -68,7 +69,9 @@ def score_solutions(
             text_ppl.update(logits, plain["input_ids"].masked_fill(plain["attention_mask"] == 0, IGNORE_INDEX))
     finally:
         model.train(was_training)
-    scores = {f"cot_{key}": _number(value) for key, value in cot.compute().items()}
+    with warnings.catch_warnings():  # a set without worked solutions (SVAMP) leaves the states empty
+        warnings.filterwarnings("ignore", message=".*compute.*called before.*update", category=UserWarning)
+        scores = {f"cot_{key}": _number(value) for key, value in cot.compute().items()}
     scores["text_ppl"] = _number(text_ppl.compute()) if solved else None
     return scores
 

@@ -1,0 +1,185 @@
+"""Prompt/solution encoding, evaluate_model end to end on a tiny model, the CLI, and one real model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_model, tiny_tokenizer
+from rku_lightning import evaluate
+from rku_lightning.data import Problem, load_problems
+from rku_lightning.evaluate import default_data, evaluate_model, main
+from rku_lightning.metrics import IGNORE_INDEX
+from rku_lightning.prompts import INSTRUCTION, build_prompt, collate_left, encode_solution, select_exemplars
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+PROBLEM = Problem("Tom has 3 bags of 4 apples. How many apples?", "3 * 4 = <<3*4=12>>12 apples.\n#### 12", 12.0, 7)
+
+
+def _chat_tokenizer(tmp_path):
+    tokenizer = tiny_tokenizer(tmp_path)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def test_plain_prompt_layout_and_exemplars(tmp_path) -> None:
+    tokenizer = tiny_tokenizer(tmp_path)
+    shot = Problem("What is 1+1?", "1+1=2\n#### 2", 2.0, 0)
+    prompt = build_prompt(tokenizer, PROBLEM.question, [shot])
+    assert prompt == f"{INSTRUCTION}\n\nQuestion: What is 1+1?\nAnswer: 1+1=2\n#### 2\n\nQuestion: {PROBLEM.question}\nAnswer:"
+
+
+def test_chat_prompt_uses_template(tmp_path) -> None:
+    prompt = build_prompt(_chat_tokenizer(tmp_path), PROBLEM.question)
+    assert prompt == f"<|im_start|>user\n{INSTRUCTION}\n\n{PROBLEM.question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_exemplars_are_seeded_and_exclude_test_questions() -> None:
+    pool = [Problem(f"q{i}", f"#### {i}", float(i), i) for i in range(20)] + [Problem("nosol", None, 1.0, 20)]
+    first = select_exemplars(pool, 3, seed=5, exclude=[pool[0]])
+    assert first == select_exemplars(pool, 3, seed=5, exclude=[pool[0]])
+    assert first != select_exemplars(pool, 3, seed=6, exclude=[pool[0]])
+    assert all(p.solution and p.question != "q0" for p in first)
+    with pytest.raises(ValueError, match="k"):
+        select_exemplars(pool, 21)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_encode_solution_masks_prompt_and_marks_reasoning(tmp_path, chat) -> None:
+    tokenizer = _chat_tokenizer(tmp_path) if chat else tiny_tokenizer(tmp_path)
+    encoded = encode_solution(tokenizer, PROBLEM, max_length=1024)
+    ids, labels, reasoning = encoded["input_ids"], encoded["labels"], encoded["reasoning_mask"]
+    prompt_length = int((labels == IGNORE_INDEX).sum())
+    prompt_ids = tokenizer(build_prompt(tokenizer, PROBLEM.question), add_special_tokens=not chat)["input_ids"]
+    assert ids[:prompt_length].tolist() == prompt_ids
+    assert torch.equal(labels[prompt_length:], ids[prompt_length:])
+    assert not reasoning[:prompt_length].any()
+    target = tokenizer.decode(ids[prompt_length:])
+    closing = "<|im_end|>\n" if chat else "</s>"
+    assert target == (PROBLEM.solution if chat else " " + PROBLEM.solution) + closing
+    marked = "".join(t if r else "_" for t, r in zip(tokenizer.convert_ids_to_tokens(ids[prompt_length:]), reasoning[prompt_length:]))
+    assert marked.startswith(("3_*_4_=_<<3*4=12>>12_", "_3_*_4_=_<<3*4=12>>12_"))
+    assert marked.rstrip("_").endswith("12")
+    short = encode_solution(tokenizer, PROBLEM, max_length=prompt_length + 3)
+    assert len(short["input_ids"]) == prompt_length + 3 and (short["labels"] != IGNORE_INDEX).sum() == 3
+    with pytest.raises(ValueError, match="max_length"):
+        encode_solution(tokenizer, PROBLEM, max_length=prompt_length)
+
+
+def test_collate_left_pads_with_neutral_values(tmp_path) -> None:
+    tokenizer = tiny_tokenizer(tmp_path)
+    a = encode_solution(tokenizer, PROBLEM, 1024)
+    b = encode_solution(tokenizer, Problem("Q?", "#### 1", 1.0, 0), 1024)
+    batch = collate_left([a, b], tokenizer.pad_token_id)
+    pad = len(a["input_ids"]) - len(b["input_ids"])
+    assert batch["input_ids"].shape == (2, len(a["input_ids"]))
+    assert (batch["input_ids"][1, :pad] == tokenizer.pad_token_id).all()
+    assert (batch["attention_mask"][1, :pad] == 0).all() and (batch["labels"][1, :pad] == IGNORE_INDEX).all()
+    assert not batch["reasoning_mask"][1, :pad].any()
+    with pytest.raises(ValueError, match="features"):
+        collate_left([], 0)
+
+
+def _check_metric_ranges(metrics: dict) -> None:
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["no_answer_rate"] <= 1.0
+    assert metrics["total"] == metrics["correct"] + (metrics["total"] - metrics["correct"])
+    for key in ("cot_nll", "cot_nll_reasoning", "cot_nll_other"):
+        assert math.isfinite(metrics[key]) and metrics[key] > 0
+    assert metrics["cot_ppl"] >= 1 and metrics["text_ppl"] >= 1
+    assert metrics["cot_tokens"] == metrics["cot_tokens_reasoning"] + metrics["cot_tokens_other"] > 0
+
+
+def test_evaluate_model_tiny_end_to_end(family, tmp_path, shared_data) -> None:
+    model, tokenizer = tiny_model(family, seed=1), tiny_tokenizer(tmp_path)
+    problems = load_problems(shared_data / "gsm8k" / "test.jsonl", limit=3).problems
+    shots = select_exemplars(load_problems(shared_data / "gsm8k" / "train.jsonl", limit=50).problems, 1)
+    result = evaluate_model(model, tokenizer, problems, batch_size=2, max_new_tokens=8, exemplars=shots, progress=False)
+    metrics = result["metrics"]
+    _check_metric_ranges(metrics)
+    assert metrics["total"] == 3 and 0 < metrics["mean_tokens"] <= 8
+    assert [p["index"] for p in result["predictions"]] == [0, 1, 2]
+    assert {"prediction", "extracted_answer", "correct", "gold_answer", "generated_tokens"} <= set(result["predictions"][0])
+
+
+def test_evaluate_model_svamp_has_no_cot_scores(tmp_path, shared_data) -> None:
+    problems = load_problems(shared_data / "svamp" / "test.jsonl", "svamp", limit=2).problems
+    result = evaluate_model(tiny_model("llama"), tiny_tokenizer(tmp_path), problems, max_new_tokens=4, progress=False)
+    assert result["metrics"]["total"] == 2
+    assert result["metrics"]["cot_nll"] is None and result["metrics"]["cot_tokens"] == 0
+
+
+def test_evaluate_model_rejects_nothing_to_do(tmp_path) -> None:
+    with pytest.raises(ValueError, match="problems"):
+        evaluate_model(tiny_model("llama"), tiny_tokenizer(tmp_path), [])
+    with pytest.raises(ValueError, match="generate/nll"):
+        evaluate_model(tiny_model("llama"), tiny_tokenizer(tmp_path), [PROBLEM], generate=False, nll=False)
+
+
+def _check_report(report_path, data_path, limit: int) -> list[dict]:
+    report = json.loads(report_path.read_text())
+    assert report["data"]["path"] == str(data_path.resolve())
+    assert report["data"]["sha256"] == hashlib.sha256(data_path.read_bytes()).hexdigest()
+    assert report["indices"] == list(range(limit))
+    _check_metric_ranges(report["metrics"])
+    predictions = [json.loads(line) for line in (report_path.parent / report["predictions_file"]).read_text().splitlines()]
+    assert [p["index"] for p in predictions] == report["indices"]
+    assert not list(report_path.parent.glob("*.tmp"))
+    return predictions
+
+
+def test_cli_end_to_end(tmp_path, shared_data, capsys) -> None:
+    model_dir = tmp_path / "tiny"
+    tiny_model("qwen2", seed=1).save_pretrained(model_dir)
+    tiny_tokenizer(tmp_path).save_pretrained(model_dir)
+    data_path = shared_data / "gsm8k" / "test.jsonl"
+    out = tmp_path / "out" / "report.json"
+    argv = ["--model", str(model_dir), "--task", "gsm8k", "--data", str(data_path), "--limit", "3",
+            "--batch-size", "2", "--max-new-tokens", "6", "--few-shot", "1", "--json", str(out), "--no-progress"]
+    assert main(argv) == 0
+    _check_report(out, data_path, 3)
+    report = json.loads(out.read_text())
+    assert report["model"] == str(model_dir) and len(report["settings"]["few_shot_indices"]) == 1
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "cot_nll_reasoning" in printed
+
+
+def test_cli_rejects_bad_numbers(tmp_path) -> None:
+    with pytest.raises(SystemExit, match="--batch-size"):
+        main(["--model", "x", "--batch-size", "0", "--json", str(tmp_path / "r.json")])
+
+
+def test_pruned_folders_load_through_load_pruned(tmp_path, monkeypatch) -> None:
+    import rku_lightning.export
+
+    (tmp_path / "pruning.json").write_text("{}")
+    monkeypatch.setattr(rku_lightning.export, "load_pruned", lambda source, dtype: ("pruned", source))
+    assert evaluate.load_model(str(tmp_path)) == ("pruned", str(tmp_path))
+
+
+def test_default_data_follows_env(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("RKU_SHARED_DATA", str(tmp_path))
+    assert default_data("svamp") == tmp_path / "svamp" / "test.jsonl"
+    with pytest.raises(ValueError, match="data"):
+        default_data("jsonl")
+
+
+@pytest.mark.real_model
+def test_real_qwen_pipeline(tmp_path, shared_data) -> None:
+    """The embedded Qwen model through the CLI on two questions: the pipeline and report, not accuracy."""
+    data_path = shared_data / "gsm8k" / "test.jsonl"
+    out = tmp_path / "qwen.json"
+    argv = ["--model", "embedded:qwen2.5-coder-0.5b-instruct", "--data", str(data_path), "--limit", "2",
+            "--batch-size", "2", "--max-new-tokens", "48", "--json", str(out), "--no-progress"]
+    assert main(argv) == 0
+    predictions = _check_report(out, data_path, 2)
+    assert all(p["prediction"] and p["generated_tokens"] > 0 for p in predictions)
+    metrics = json.loads(out.read_text())["metrics"]
+    assert metrics["cot_tokens_reasoning"] > 0 and metrics["cot_tokens_other"] > 0
