@@ -151,16 +151,13 @@ class RKUPruning(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         model = self.hf_model(pl_module)
         _check_strategy(trainer)
-        if stage == "fit":
-            if trainer.world_size > self.calibration_batches:
-                raise ValueError(
-                    f"calibration_batches={self.calibration_batches} leaves some of the {trainer.world_size} ranks "
-                    "without a calibration batch; use at least one per rank"
-                )
-            if self.lora is not None and not has_lora(model):
-                inject_lora(model, self.lora)
-            self._take_over_loop(trainer)
+        if stage == "fit" and trainer.world_size > self.calibration_batches:
+            raise ValueError(
+                f"calibration_batches={self.calibration_batches} leaves some of the {trainer.world_size} ranks "
+                "without a calibration batch; use at least one per rank"
+            )
         if self.pruner is None:
+            # Before LoRA injection: the engine counts the parameters it sees at creation as the model's size.
             self.pruner = StructuredPruner(
                 model,
                 importance=self.importance,
@@ -178,6 +175,10 @@ class RKUPruning(Callback):
                     f"target_sparsity={self.target_sparsity} is unreachable: min_mlp_keep={self.min_mlp_keep} and one "
                     f"attention group per layer cap this model at {reachable:.4f}"
                 )
+        if stage == "fit":
+            if self.lora is not None and not has_lora(model):
+                inject_lora(model, self.lora)
+            self._take_over_loop(trainer)
         self.pruner.gates.attach()  # adapters injected since creation are gated as a whole
         if self._pending_state is not None:
             self._apply_state(self._pending_state)

@@ -74,6 +74,10 @@ class CausalLMPruningModule(LightningModule):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
         ).logits
 
+    def on_train_start(self) -> None:
+        # Loaders return models in eval mode and Lightning keeps module modes: LoRA dropout needs train mode.
+        self.model.train()
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.model(
             input_ids=batch["input_ids"],
