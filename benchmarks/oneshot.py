@@ -1,0 +1,192 @@
+"""One-shot quality rows: prune the dense model once (no recovery) and measure its reasoning.
+
+Each row runs in its own process (`python -m benchmarks.oneshot --row ROW_ID ...`): load the
+model, prune with the engine, compact, evaluate with `rku_lightning.evaluate.evaluate_model`.
+Calibration statistics are the engine's running sums on a fixed GSM8K-train sample; they are
+computed once per (model, objective, sample) by the first row that needs them and cached under
+`benchmarks/work/`, because every one-shot row starts from the same dense model (the statistics
+are identical whichever row computes them; the cache only saves CPU hours).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from rku_lightning import StructuredPruner, compact, load_causal_lm
+from rku_lightning.calibration import calibration_batches
+from rku_lightning.data import load_problems
+from rku_lightning.evaluate import evaluate_model
+
+from .common import DATA, MODELS, WORK, is_done, sha256, write_row
+
+STAGE = "oneshot"
+#: (importance, objective) of every method row; `kinetic` is RKU without the Fisher-trace normalisation.
+METHODS: tuple[tuple[str, str], ...] = (
+    ("rku", "ce"),
+    ("rku", "hidden"),
+    ("kinetic", "ce"),
+    ("taylor", "ce"),
+    ("magnitude", "ce"),
+    ("wanda_sp", "ce"),
+    ("flap", "ce"),
+    ("random", "ce"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a row's numbers depend on besides the method; recorded in every row."""
+
+    calib_samples: int = 16
+    calib_max_length: int = 256
+    gsm8k_limit: int = 32
+    svamp_limit: int = 32
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Row:
+    model: str
+    importance: str | None  # None: the dense model
+    objective: str = "ce"
+    allocation: str = "global"
+    sparsity: float = 0.0
+
+    @property
+    def row_id(self) -> str:
+        if self.importance is None:
+            return f"{self.model}-dense"
+        method = self.importance if self.objective == "ce" else f"{self.importance}_{self.objective}"
+        return f"{self.model}-{method}-{self.allocation}-{round(self.sparsity * 100)}"
+
+    @classmethod
+    def parse(cls, row_id: str) -> "Row":
+        model, rest = row_id.split("-", 1)
+        if rest == "dense":
+            return cls(model, None)
+        method, allocation, percent = rest.rsplit("-", 2)
+        importance, _, objective = method.partition("_hidden")
+        return cls(model, importance, "hidden" if method.endswith("_hidden") else "ce", allocation, int(percent) / 100)
+
+
+def grid(models: list[str], sparsities: list[float], allocations: list[str]) -> list[Row]:
+    rows = [Row(m, None) for m in models]
+    for m in models:
+        for allocation in allocations:
+            for s in sparsities:
+                rows += [Row(m, imp, obj, allocation, s) for imp, obj in METHODS]
+    return rows
+
+
+def _stats_path(model: str, objective: str, settings: Settings) -> Path:
+    tag = f"{model}-{objective}-n{settings.calib_samples}-L{settings.calib_max_length}-s{settings.seed}"
+    return WORK / "stats" / f"{tag}.pt"
+
+
+def calibrated_pruner(row: Row, model, tokenizer, settings: Settings) -> tuple[StructuredPruner, dict]:
+    """A pruner for `row` holding the cached statistics (computing and caching them if missing)."""
+    pruner = StructuredPruner(model, importance=row.importance, allocation=row.allocation, objective=row.objective, seed=settings.seed)
+    timing: dict = {}
+    if not pruner.importance.needs_calibration:
+        return pruner, timing
+    # Gradient passes also record activations, so Wanda-sp / FLAP read the `ce` statistics.
+    path = _stats_path(row.model, row.objective, settings)
+    if path.is_file():
+        pruner.stats.load_state_dict(torch.load(path))
+        timing["calibration"] = "cached"
+        return pruner, timing
+    problems = load_problems(DATA / "gsm8k" / "train.jsonl", task="gsm8k", split="train")
+    batches = calibration_batches(
+        tokenizer, problems, settings.calib_samples, 4, settings.calib_max_length,
+        questions_only=row.objective == "hidden", seed=settings.seed,
+    )
+    scorer = StructuredPruner(model, importance="rku", objective=row.objective)
+    started = time.perf_counter()
+    scorer.calibrate(batches)
+    timing["calibrate_s"] = round(time.perf_counter() - started, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(scorer.stats.state_dict(), path)
+    pruner.stats.load_state_dict(scorer.stats.state_dict())
+    return pruner, timing
+
+
+def run_row(row: Row, settings: Settings) -> dict:
+    torch.manual_seed(settings.seed)
+    timings: dict = {}
+    started = time.perf_counter()
+    model, tokenizer = load_causal_lm(MODELS[row.model])
+    timings["load_s"] = round(time.perf_counter() - started, 1)
+    report = None
+    if row.importance is not None:
+        pruner, calib = calibrated_pruner(row, model, tokenizer, settings)
+        timings.update(calib)
+        started = time.perf_counter()
+        report = pruner.prune(row.sparsity).to_dict()
+        compact(model)
+        timings["prune_s"] = round(time.perf_counter() - started, 1)
+    gsm8k_path, svamp_path = DATA / "gsm8k" / "test.jsonl", DATA / "svamp" / "test.jsonl"
+    gsm8k = load_problems(gsm8k_path, task="gsm8k", limit=settings.gsm8k_limit)
+    svamp = load_problems(svamp_path, task="svamp", limit=settings.svamp_limit)
+    started = time.perf_counter()
+    g = evaluate_model(model, tokenizer, gsm8k, settings.batch_size, settings.max_new_tokens)
+    timings["gsm8k_s"] = round(time.perf_counter() - started, 1)
+    started = time.perf_counter()
+    s = evaluate_model(model, tokenizer, svamp, settings.batch_size, settings.max_new_tokens, nll=False)
+    timings["svamp_s"] = round(time.perf_counter() - started, 1)
+    return {
+        "row": asdict(row),
+        "settings": asdict(settings),
+        "model_source": MODELS[row.model],
+        "params": sum(p.numel() for p in model.parameters()),
+        "report": report,
+        "gsm8k": g["metrics"],
+        "svamp": s["metrics"],
+        "gsm8k_correct": [p["correct"] for p in g["predictions"]],
+        "svamp_correct": [p["correct"] for p in s["predictions"]],
+        "gsm8k_indices": [p.index for p in gsm8k],
+        "svamp_indices": [p.index for p in svamp],
+        "data": {
+            "gsm8k_test": {"path": str(gsm8k_path), "sha256": sha256(gsm8k_path)},
+            "svamp_test": {"path": str(svamp_path), "sha256": sha256(svamp_path)},
+            "gsm8k_train": {"path": str(DATA / "gsm8k" / "train.jsonl"), "sha256": sha256(DATA / "gsm8k" / "train.jsonl")},
+        },
+        "timings": timings,
+        "predictions": {"gsm8k": g["predictions"], "svamp": s["predictions"]},
+    }
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    for name, value in asdict(Settings()).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return Settings(**{name: getattr(args, name) for name in asdict(Settings())})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.oneshot", description="Run one one-shot row.")
+    parser.add_argument("--row", required=True, help="row id, e.g. qwen0.5b-rku-global-40 or qwen0.5b-dense")
+    add_settings_arguments(parser)
+    args = parser.parse_args(argv)
+    if is_done(STAGE, args.row):
+        print(f"{args.row}: done already")
+        return
+    record = run_row(Row.parse(args.row), settings_from(args))
+    predictions = record.pop("predictions")
+    path = write_row(STAGE, args.row, record)
+    lines = [json.dumps({"set": name, **p}) for name, rows in predictions.items() for p in rows]
+    path.with_suffix(".predictions.jsonl").write_text("\n".join(lines) + "\n")
+    print(f"{args.row}: GSM8K {record['gsm8k'].get('accuracy')} SVAMP {record['svamp'].get('accuracy')} -> {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Benchmark plumbing on a tiny model: a one-shot row runs end to end, is resumable, and renders."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from conftest import tiny_model, tiny_tokenizer
+
+import benchmarks.common as common
+import benchmarks.oneshot as oneshot
+import benchmarks.render as render
+from benchmarks.oneshot import Row, Settings, grid, run_row
+from benchmarks.render import bootstrap_interval, paired_gap
+
+
+@pytest.fixture
+def bench_env(tmp_path, monkeypatch, shared_data):
+    folder = tmp_path / "tiny"
+    tiny_model("qwen2", max_position_embeddings=1024).save_pretrained(folder)
+    tiny_tokenizer(tmp_path).save_pretrained(folder)
+    monkeypatch.setitem(common.MODELS, "tiny", str(folder))
+    monkeypatch.setattr(oneshot, "WORK", tmp_path / "work")
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(render, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(render, "RESULTS_MD", tmp_path / "RESULTS.md")
+    return tmp_path
+
+
+def test_row_ids_round_trip_and_grid_covers_every_method():
+    rows = grid(["qwen0.5b", "smollm2"], [0.2, 0.4], ["global", "uniform"])
+    assert len(rows) == 2 + 2 * 2 * 2 * len(oneshot.METHODS)
+    assert all(Row.parse(r.row_id) == r for r in rows)
+    assert Row.parse("qwen0.5b-rku_hidden-uniform-30") == Row("qwen0.5b", "rku", "hidden", "uniform", 0.3)
+
+
+def test_oneshot_rows_run_cache_statistics_and_render(bench_env):
+    settings = Settings(calib_samples=2, calib_max_length=700, gsm8k_limit=3, svamp_limit=2, max_new_tokens=4, batch_size=2)
+    records = {}
+    for row in [Row("tiny", None), Row("tiny", "rku", sparsity=0.3), Row("tiny", "flap", sparsity=0.3)]:
+        record = run_row(row, settings)
+        record.pop("predictions")
+        common.write_row("oneshot", row.row_id, record)
+        records[row.row_id] = record
+    rku = records["tiny-rku-global-30"]
+    assert abs(rku["report"]["sparsity"] - 0.3) < 0.012 and rku["params"] < records["tiny-dense"]["params"]
+    assert "calibrate_s" in rku["timings"] and records["tiny-flap-global-30"]["timings"]["calibration"] == "cached"
+    assert len(rku["gsm8k_correct"]) == 3 and len(rku["svamp_correct"]) == 2
+    assert rku["gsm8k"]["cot_nll"] > 0 and len(rku["data"]["gsm8k_test"]["sha256"]) == 64
+    saved = json.loads(common.row_path("oneshot", "tiny-rku-global-30").read_text())
+    assert saved["commit"] and saved["command"] and saved["environment"]["threads"] >= 1
+    assert common.is_done("oneshot", "tiny-rku-global-30")
+    text = render.render().read_text()
+    for method in ("rku", "flap"):
+        assert re.search(rf"\| global \| (29|30)\.\d% \| {method} \|", text), method
+    assert "| dense |" in text
+    assert (bench_env / "results" / "oneshot_sparsity.png").stat().st_size > 1000
+
+
+def test_bootstrap_intervals_cover_the_mean_and_pair_questions():
+    flags = [True] * 30 + [False] * 70
+    low, high = bootstrap_interval(flags)
+    assert low < 0.3 < high and high - low < 0.25
+    mean, low, high = paired_gap(flags, flags)
+    assert mean == low == high == 0
+    mean, low, high = paired_gap([True] * 50, [False] * 50)
+    assert mean == low == high == 1
+    with pytest.raises(ValueError, match="equally long"):
+        paired_gap([True], [True, False])
