@@ -7,17 +7,17 @@ JSON exists (delete it to measure again).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from rku_lightning.files import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -41,14 +41,6 @@ def commit() -> str:
         return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def environment() -> dict:
@@ -75,9 +67,7 @@ def write_row(stage: str, row_id: str, record: dict) -> Path:
         "environment": environment(),
         **record,
     }
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        json.dump(full, handle, indent=2)
-    os.replace(handle.name, path)
+    write_text_atomic(path, json.dumps(full, indent=2))
     return path
 
 

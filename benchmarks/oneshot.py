@@ -23,7 +23,7 @@ from rku_lightning.calibration import calibration_batches
 from rku_lightning.data import load_problems
 from rku_lightning.evaluate import evaluate_model
 
-from .common import DATA, MODELS, WORK, is_done, sha256, write_row
+from .common import DATA, MODELS, WORK, is_done, sha256_file, write_row
 
 STAGE = "oneshot"
 #: (importance, objective) of every method row; `kinetic` is RKU without the Fisher-trace normalisation.
@@ -154,9 +154,9 @@ def run_row(row: Row, settings: Settings) -> dict:
         "gsm8k_indices": [p.index for p in gsm8k],
         "svamp_indices": [p.index for p in svamp],
         "data": {
-            "gsm8k_test": {"path": str(gsm8k_path), "sha256": sha256(gsm8k_path)},
-            "svamp_test": {"path": str(svamp_path), "sha256": sha256(svamp_path)},
-            "gsm8k_train": {"path": str(DATA / "gsm8k" / "train.jsonl"), "sha256": sha256(DATA / "gsm8k" / "train.jsonl")},
+            "gsm8k_test": {"path": str(gsm8k_path), "sha256": sha256_file(gsm8k_path)},
+            "svamp_test": {"path": str(svamp_path), "sha256": sha256_file(svamp_path)},
+            "gsm8k_train": {"path": str(DATA / "gsm8k" / "train.jsonl"), "sha256": sha256_file(DATA / "gsm8k" / "train.jsonl")},
         },
         "timings": timings,
         "predictions": {"gsm8k": g["predictions"], "svamp": s["predictions"]},

@@ -142,8 +142,8 @@ def plot_layer_profile(rows: list[dict], path: Path, methods: tuple[str, ...] = 
         layers = r["report"]["layers"]
         xs = [layer["layer"] for layer in layers]
         label = f"{method_name(r)} ({r['row']['model']})"
-        axes[0].plot(xs, [l["mlp_channels"] / l["mlp_channels_total"] for l in layers], marker="o", label=label)
-        axes[1].plot(xs, [l["kv_groups"] / l["kv_groups_total"] for l in layers], marker="s", label=label)
+        axes[0].plot(xs, [x["mlp_channels"] / x["mlp_channels_total"] for x in layers], marker="o", label=label)
+        axes[1].plot(xs, [x["kv_groups"] / x["kv_groups_total"] for x in layers], marker="s", label=label)
     axes[0].set_title(f"MLP channels kept per layer ({top:.0%} global)")
     axes[1].set_title(f"attention groups kept per layer ({top:.0%} global)")
     for ax in axes:

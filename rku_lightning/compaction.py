@@ -46,7 +46,7 @@ def keep_layer(adapter: ModelAdapter, view: LayerView, channels: torch.Tensor, h
 
 
 def layer_shapes_uniform(plan: dict) -> bool:
-    shapes = {(len(l["mlp_channels"]), len(l["heads"]), len(l["kv_groups"])) for l in plan["layers"]}
+    shapes = {(len(x["mlp_channels"]), len(x["heads"]), len(x["kv_groups"])) for x in plan["layers"]}
     return len(shapes) == 1
 
 

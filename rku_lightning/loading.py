@@ -6,7 +6,6 @@ on machines that cannot reach a model hub. transformers dequantizes GGUF to floa
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -15,7 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from .files import sha256_file
 
 EMBEDDED_PREFIX = "embedded:"
 
@@ -72,16 +78,8 @@ def _package_file(package: str, relative: str, spec: EmbeddedModel) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _checked(path: Path, spec: EmbeddedModel) -> Path:
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != spec.sha256:
         raise ValueError(
             f"embedded model {spec.name!r}: {path} has sha256 {actual}, expected {spec.sha256}. "

@@ -16,7 +16,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import LayerView, get_adapter, unwrap_model
-from .allocation import LayerOffer, fill_pool, group_steps, head_slice_steps, max_removable, mlp_steps
+from .allocation import (
+    LayerOffer,
+    fill_pool,
+    group_steps,
+    head_slice_steps,
+    max_removable,
+    mlp_steps,
+)
 from .gates import StructureGates
 from .importance import Importance, get_importance
 from .objectives import get_objective
