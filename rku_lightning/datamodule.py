@@ -128,7 +128,8 @@ class ReasoningDataModule(LightningDataModule):
     """GSM8K-style train / calibration / validation / OOD loaders (see the module docstring).
 
     Data sources are a local JSONL file, a folder with `{split}.jsonl`, or a hub dataset id; `None`
-    means the task's folder under `shared_data_dir()`. `ood_task=None` drops the OOD set.
+    means the task's folder under `shared_data_dir()`. `ood_task=None` drops the OOD set; `ood_fields`
+    (`question_field`, `answer_field`, `solution_field`) maps a hub copy's column names.
     """
 
     def __init__(
@@ -144,6 +145,7 @@ class ReasoningDataModule(LightningDataModule):
         ood_task: str | None = "svamp",
         ood_split: str = "test",
         ood_limit: int | None = 64,
+        ood_fields: dict[str, str] | None = None,
         calibration_data: str | None = None,
         calibration_split: str | None = None,
         calibration_text: str = "solutions",
@@ -219,7 +221,9 @@ class ReasoningDataModule(LightningDataModule):
             val = load_problems(self._source(hp.val_data, hp.val_task), hp.val_task, split=hp.val_split, limit=hp.val_limit)
             self.val_set = _SolutionSet(self.tokenizer, self._fits(list(val), "val_data"), hp.max_length)
             if hp.ood_task is not None:
-                ood = load_problems(self._source(hp.ood_data, hp.ood_task), hp.ood_task, split=hp.ood_split, limit=hp.ood_limit)
+                ood = load_problems(
+                    self._source(hp.ood_data, hp.ood_task), hp.ood_task, split=hp.ood_split, limit=hp.ood_limit, **(hp.ood_fields or {})
+                )
                 self.ood_set = PromptDataset(self.tokenizer, list(ood))
 
     def _encode_train(self, problem: Problem) -> dict[str, torch.Tensor]:

@@ -113,8 +113,11 @@ class CausalLMPruningModule(LightningModule):
                 self.log(f"val/cot_{key}", nll[key], sync_dist=True)
         if self.ood_accuracy.update_called:
             self.log("val/ood_acc", self.ood_accuracy.compute()["accuracy"], sync_dist=True)
-        for metric in (self.gsm8k_accuracy, self.cot_nll, self.ood_accuracy):
-            metric.reset()
+        # States re-created under `trainer.validate`'s inference mode could not be updated in a later
+        # `fit` validation (no inference mode there): make them normal tensors.
+        with torch.inference_mode(False):
+            for metric in (self.gsm8k_accuracy, self.cot_nll, self.ood_accuracy):
+                metric.reset()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -28,7 +28,7 @@ def test_non_decreasing_and_ends_at_target(schedule, rounds):
 
 def test_cubic_front_loads():
     cubic, linear = sparsity_schedule(0.4, 4, "cubic"), sparsity_schedule(0.4, 4, "linear")
-    assert all(c >= l for c, l in zip(cubic, linear))
+    assert all(c >= lin for c, lin in zip(cubic, linear))
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,127 @@
+"""`python train.py` end to end on a tiny model and tiny local data; config errors before any compute."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tiny_model, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUT_FILES = ("report.json", "report.md", "sparsity_curve.png", "layer_profile.png")
+
+
+def write_problems(folder: Path) -> None:
+    """Short GSM8K-style and SVAMP-style problems: the char-level tokenizer keeps sequences short."""
+    gsm, svamp = folder / "gsm8k", folder / "svamp"
+    gsm.mkdir(parents=True)
+    svamp.mkdir()
+    rows = [{"question": f"Tom has {a} apples and gets {b} more. How many?", "answer": f"{a}+{b}=<<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"}
+            for a, b in zip(range(1, 25), range(3, 27))]
+    (gsm / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:20]) + "\n")
+    (gsm / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows[20:]) + "\n")
+    (svamp / "test.jsonl").write_text("\n".join(json.dumps({"input": f"{a} plus {a}?", "target": 2 * a}) for a in range(4)) + "\n")
+
+
+def write_config(tmp_path: Path) -> Path:
+    model_dir = tmp_path / "tiny"
+    tiny_model("qwen2", max_position_embeddings=512).save_pretrained(model_dir)
+    tiny_tokenizer(tmp_path).save_pretrained(model_dir)
+    write_problems(tmp_path / "data")
+    data = tmp_path / "data"
+    config = f"""
+seed_everything: 0
+run_name: tiny
+output_root: {tmp_path / "outputs"}
+model:
+  pretrained: {model_dir}
+  lr: 1.0e-3
+  max_new_tokens: 4
+data:
+  train_data: {data / "gsm8k"}
+  val_data: {data / "gsm8k"}
+  ood_data: {data / "svamp"}
+  ood_task: svamp
+  val_limit: 4
+  ood_limit: 4
+  calibration_samples: 8
+  batch_size: 2
+  eval_batch_size: 4
+  max_length: 320
+pruning:
+  target_sparsity: 0.3
+  rounds: 2
+  calibration_batches: 2
+  recovery_steps: 2
+  lora: {{r: 2, alpha: 4, dropout: 0.0}}
+trainer:
+  accelerator: cpu
+  devices: 1
+  num_sanity_val_steps: 0
+  log_every_n_steps: 1
+  enable_model_summary: false
+  callbacks:
+    - class_path: callbacks.RKUProgressBar
+"""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(config)
+    return path
+
+
+def train(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_train_py_end_to_end(tmp_path):
+    result = train("--config", str(write_config(tmp_path)))
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = tmp_path / "outputs" / "tiny"
+    for name in OUTPUT_FILES:
+        assert (out / name).stat().st_size > 0, name
+    for name in ("sparsity_curve.png", "layer_profile.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((out / "report.json").read_text())
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2] and report["run"]["target_sparsity"] == 0.3
+    assert rounds[0]["sparsity"] == 0 and rounds[-1]["sparsity"] == pytest.approx(0.3, abs=0.03)
+    for r in rounds:
+        assert set(r["metrics"]) == {"val/gsm8k_acc", "val/cot_nll", "val/cot_nll_reasoning", "val/cot_nll_other", "val/ood_acc"}
+        assert r["params"] > 0 and r["kv_cache_bytes_per_token"] > 0
+    assert rounds[2]["params"] < rounds[1]["params"] < rounds[0]["params"]
+    assert all(r["time_recover_s"] > 0 and r["time_evaluate_s"] > 0 for r in rounds[1:])
+    table = (out / "report.md").read_text()
+    assert table.count("\n| ") == 4 and "GSM8K acc" in table and "OOD acc" in table  # header + 3 rounds
+    metrics_csv = next((out / "csv").glob("version_*/metrics.csv")).read_text()
+    assert "val/gsm8k_acc" in metrics_csv and "prune/sparsity" in metrics_csv and "sparsity" in metrics_csv
+    assert list((out / "tensorboard").glob("version_*/events.out.tfevents.*"))
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    model_dir = out / "model"
+    assert (model_dir / "pruning.json").is_file() and (model_dir / "model.safetensors").is_file()
+    from rku_lightning import load_pruned
+
+    model, tokenizer = load_pruned(model_dir)
+    assert sum(p.numel() for p in model.parameters()) == rounds[-1]["params"] and tokenizer is not None
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("--pruning.rounds=0", "rounds"),
+        ("--pruning.importance=entropy", "importance"),
+        ("--pruning.target_sparsity=0.97", "target_sparsity"),
+        ("--data.train_data=/nonexistent/gsm8k/train.jsonl", "train_data"),
+    ],
+)
+def test_bad_configuration_fails_before_compute(tmp_path, capsys, override, field):
+    sys.path.insert(0, str(ROOT))
+    import train as train_script
+
+    with pytest.raises((ValueError, SystemExit)) as caught:
+        train_script.main(["--config", str(write_config(tmp_path)), override])
+    assert field in str(caught.value) + capsys.readouterr().err
+    assert not (tmp_path / "outputs" / "tiny" / "checkpoints").exists()
+    assert not (tmp_path / "outputs" / "tiny" / "report.json").exists()

@@ -1,0 +1,80 @@
+"""Iterative RKU pruning with LoRA recovery, end to end: `python train.py [--config configs/X.yaml] [--a.b=value ...]`.
+
+With no `--config`, configs/demo.yaml runs (embedded SmolLM2-135M, local data, minutes on 2 CPU
+cores). Every argument can be overridden on the command line; `--print_config` shows the result.
+Outputs go to `<output_root>/<run_name>/`: Lightning logs (csv/, tensorboard/), checkpoints/
+(`last.ckpt`; resume with `--ckpt_path`), report.json, report.md, sparsity_curve.png,
+layer_profile.png and the compacted model (model/).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningCLI
+
+from callbacks import RKUPruning
+from rku_lightning.datamodule import ReasoningDataModule
+from rku_lightning.lightning_module import CausalLMPruningModule
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"
+
+
+def _component(class_path: str, **init_args) -> Namespace:
+    return Namespace(class_path=class_path, init_args=Namespace(**init_args))
+
+
+class RKUCLI(LightningCLI):
+    """LightningCLI with the pruning callback as its own `pruning:` section and run-folder defaults."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(RKUPruning, "pruning")
+        parser.add_argument("--run_name", type=str, default="demo", help="outputs go to <output_root>/<run_name>")
+        parser.add_argument("--output_root", type=str, default="outputs")
+        parser.add_argument("--evaluate_dense", type=bool, default=True, help="validate the dense model first (round 0)")
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume from this checkpoint")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config
+        out = Path(cfg.output_root) / cfg.run_name
+        cfg.pruning.report_dir = cfg.pruning.report_dir or str(out)
+        cfg.pruning.export_dir = cfg.pruning.export_dir or str(out / "model")
+        trainer = cfg.trainer
+        trainer.default_root_dir = trainer.default_root_dir or str(out)
+        if trainer.logger in (None, True):
+            trainer.logger = [
+                _component("lightning.pytorch.loggers.CSVLogger", save_dir=str(out), name="csv"),
+                _component("lightning.pytorch.loggers.TensorBoardLogger", save_dir=str(out), name="tensorboard"),
+            ]
+        callbacks = list(trainer.callbacks or [])
+        if trainer.enable_checkpointing is not False and not any("ModelCheckpoint" in str(c.class_path) for c in callbacks):
+            # Round ends are the resumable points: keep the latest one as last.ckpt.
+            callbacks.append(
+                _component("lightning.pytorch.callbacks.ModelCheckpoint", dirpath=str(out / "checkpoints"), save_top_k=0, save_last=True)
+            )
+        trainer.callbacks = callbacks
+
+
+def main(args: list[str] | None = None) -> RKUCLI:
+    argv = sys.argv[1:] if args is None else args
+    has_config = any(a in ("-c", "--config") or a.startswith("--config=") for a in argv)
+    cli = RKUCLI(
+        CausalLMPruningModule,
+        ReasoningDataModule,
+        run=False,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={} if has_config else {"default_config_files": [str(DEFAULT_CONFIG)]},
+    )
+    ckpt_path = cli.config.ckpt_path
+    if cli.config.evaluate_dense and ckpt_path is None:
+        cli.trainer.validate(cli.model, datamodule=cli.datamodule)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    return cli
+
+
+if __name__ == "__main__":
+    main()
