@@ -127,6 +127,7 @@ class RKUPruning(Callback):
         self._current: dict = {}
         self._pending_state: dict | None = None
         self._clock = 0.0
+        self._eval_clock = 0.0
         self.plan: dict | None = None
 
     # -- contract and setup ----------------------------------------------------------------------
@@ -240,10 +241,12 @@ class RKUPruning(Callback):
             merge_and_reinit_(model, seed=self._adapter_seed())
             reset_optimizer_state_(trainer.optimizers, lora_parameters(model))
         self.phase = "evaluate"
-        self._clock = time.perf_counter()
 
     def _adapter_seed(self) -> int:
         return self.seed * 1_000_003 + self.round
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._eval_clock = time.perf_counter()
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or self.pruner is None:
@@ -262,12 +265,16 @@ class RKUPruning(Callback):
             self._finish_round(trainer, metrics)
         elif self.round == 0 and trainer.state.fn == "validate" and self.pruner is not None:
             # trainer.validate before fit: the dense model's row of the report.
-            baseline = {**self._structure_record(0, self.pruner.report(target_sparsity=0.0)), "metrics": metrics}
+            baseline = {
+                **self._structure_record(0, self.pruner.report(target_sparsity=0.0)),
+                "time_evaluate_s": time.perf_counter() - self._eval_clock,
+                "metrics": metrics,
+            }
             self.records = [r for r in self.records if r["round"] != 0] + [baseline]
             self._write_reports(trainer)
 
     def _finish_round(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        self._current["time_evaluate_s"] = time.perf_counter() - self._clock if metrics else 0.0
+        self._current["time_evaluate_s"] = time.perf_counter() - self._eval_clock if metrics else 0.0
         self._current["metrics"] = metrics
         self.records.append(self._current)
         self._current = {}

@@ -125,7 +125,7 @@ def test_rounds_follow_the_schedule_and_phases(tmp_path):
         assert record["target_sparsity"] == pytest.approx(target)
         assert record["sparsity"] == pytest.approx(target, abs=0.02)
         assert set(record["metrics"]) == {"val/loss"}
-        assert record["time_calibrate_prune_s"] > 0 and record["time_recover_s"] > 0
+        assert record["time_calibrate_prune_s"] > 0 and record["time_recover_s"] > 0 and record["time_evaluate_s"] > 0
     # Masks only ever shrink, and the LoRA adapters are merged (B = 0) after every round.
     history = rku.pruner.history
     for before, after in zip(history, history[1:]):
@@ -172,6 +172,7 @@ def test_dense_baseline_from_validate_before_fit(tmp_path):
     trainer.fit(module, data)
     assert [r["round"] for r in rku.records] == [0, 1]
     assert rku.records[0]["sparsity"] == 0 and "val/loss" in rku.records[0]["metrics"]
+    assert rku.records[0]["time_evaluate_s"] > 0
 
 
 def test_progress_bar_shows_round_phase_sparsity(tmp_path):

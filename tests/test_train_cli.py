@@ -92,6 +92,7 @@ def test_train_py_end_to_end(tmp_path):
         assert set(r["metrics"]) == {"val/gsm8k_acc", "val/cot_nll", "val/cot_nll_reasoning", "val/cot_nll_other", "val/ood_acc"}
         assert r["params"] > 0 and r["kv_cache_bytes_per_token"] > 0
     assert rounds[2]["params"] < rounds[1]["params"] < rounds[0]["params"]
+    assert rounds[0]["time_evaluate_s"] > 0
     assert all(r["time_recover_s"] > 0 and r["time_evaluate_s"] > 0 for r in rounds[1:])
     table = (out / "report.md").read_text()
     assert table.count("\n| ") == 4 and "GSM8K acc" in table and "OOD acc" in table  # header + 3 rounds
