@@ -3,7 +3,7 @@
 With no `--config`, configs/demo.yaml runs (embedded SmolLM2-135M, local data, minutes on 2 CPU
 cores). Every argument can be overridden on the command line; `--print_config` shows the result.
 Outputs go to `<output_root>/<run_name>/`: Lightning logs (csv/, tensorboard/), checkpoints/
-(`last.ckpt`; resume with `--ckpt_path`), report.json, report.md, sparsity_curve.png,
+(`round-end.ckpt`, the latest round; resume with `--ckpt_path`), report.json, report.md, sparsity_curve.png,
 layer_profile.png and the compacted model (model/).
 """
 
@@ -51,10 +51,10 @@ class RKUCLI(LightningCLI):
             ]
         callbacks = list(trainer.callbacks or [])
         if trainer.enable_checkpointing is not False and not any("ModelCheckpoint" in str(c.class_path) for c in callbacks):
-            # Round ends are the resumable points: keep the latest one as last.ckpt.
-            callbacks.append(
-                _component("lightning.pytorch.callbacks.ModelCheckpoint", dirpath=str(out / "checkpoints"), save_top_k=0, save_last=True)
-            )
+            # Round ends (validation ends) are the resumable points: keep the latest as round-end.ckpt.
+            # Not save_last: Lightning would write it again at train end, after compaction.
+            checkpoint = dict(dirpath=str(out / "checkpoints"), filename="round-end", save_top_k=1)
+            callbacks.append(_component("lightning.pytorch.callbacks.ModelCheckpoint", **checkpoint))
         trainer.callbacks = callbacks
 
 

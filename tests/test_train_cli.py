@@ -99,7 +99,14 @@ def test_train_py_end_to_end(tmp_path):
     metrics_csv = next((out / "csv").glob("version_*/metrics.csv")).read_text()
     assert "val/gsm8k_acc" in metrics_csv and "prune/sparsity" in metrics_csv and "sparsity" in metrics_csv
     assert list((out / "tensorboard").glob("version_*/events.out.tfevents.*"))
-    assert (out / "checkpoints" / "last.ckpt").is_file()
+    # The resumable checkpoint is the last round's end: dense weights plus the callback's state.
+    import torch
+
+    checkpoint = torch.load(out / "checkpoints" / "round-end.ckpt", weights_only=False)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["round-end.ckpt"]
+    state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("RKUPruning"))
+    assert state["round"] == 2 and state["phase"] == "done" and len(state["records"]) == 3
+    assert sum(v.numel() for k, v in checkpoint["state_dict"].items() if "lora_" not in k) > rounds[0]["params"] - 100
     model_dir = out / "model"
     assert (model_dir / "pruning.json").is_file() and (model_dir / "model.safetensors").is_file()
     from rku_lightning import load_pruned
