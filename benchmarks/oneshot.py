@@ -22,8 +22,9 @@ from rku_lightning import StructuredPruner, compact, load_causal_lm
 from rku_lightning.calibration import calibration_batches
 from rku_lightning.data import load_problems
 from rku_lightning.evaluate import evaluate_model
+from rku_lightning.files import sha256_file
 
-from .common import DATA, MODELS, WORK, is_done, sha256_file, write_row
+from .common import DATA, MODELS, WORK, is_done, write_row
 
 STAGE = "oneshot"
 #: (importance, objective) of every method row; `kinetic` is RKU without the Fisher-trace normalisation.
@@ -136,7 +137,8 @@ def run_row(row: Row, settings: Settings) -> dict:
     gsm8k = load_problems(gsm8k_path, task="gsm8k", limit=settings.gsm8k_limit)
     svamp = load_problems(svamp_path, task="svamp", limit=settings.svamp_limit)
     started = time.perf_counter()
-    g = evaluate_model(model, tokenizer, gsm8k, settings.batch_size, settings.max_new_tokens)
+    # Teacher-forced scoring in pairs: full-vocabulary logits of 8 long sequences take gigabytes.
+    g = evaluate_model(model, tokenizer, gsm8k, settings.batch_size, settings.max_new_tokens, nll_batch_size=2)
     timings["gsm8k_s"] = round(time.perf_counter() - started, 1)
     started = time.perf_counter()
     s = evaluate_model(model, tokenizer, svamp, settings.batch_size, settings.max_new_tokens, nll=False)
