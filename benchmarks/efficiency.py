@@ -24,6 +24,7 @@ peak covers the model weights plus what the measured work allocates.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -286,6 +287,7 @@ def efficiency_row(model_key: str, sparsity: float, args) -> dict:
     measured = compare_models({"dense": dense, "pruned": pruned}, tokenizer, reps=args.reps, new_tokens=args.new_tokens,
                               big_batch=args.big_batch, prefill_batch=args.prefill_batch, prefill_length=args.prefill_length)
     del dense, pruned
+    gc.collect()
     measured["dense"]["kv_cache_bytes_per_token_report"] = report["kv_cache_bytes_per_token_before"]
     measured["pruned"]["kv_cache_bytes_per_token_report"] = report["kv_cache_bytes_per_token_after"]
     for name, spec in (("dense", {"kind": "source", "path": MODELS[model_key]}), ("pruned", {"kind": "pruned", "path": str(out_dir)})):
@@ -307,7 +309,9 @@ def efficiency_row(model_key: str, sparsity: float, args) -> dict:
 
 
 def scoring_row(model_key: str, args) -> dict:
-    _, tokenizer = load_causal_lm(MODELS[model_key])
+    model, tokenizer = load_causal_lm(MODELS[model_key])
+    del model  # only the tokenizer is needed here; each child loads its own copy
+    gc.collect()
     train = DATA / "gsm8k" / "train.jsonl"
     problems = load_problems(train, task="gsm8k", split="train")
     batches = calibration_batches(tokenizer, problems, args.scoring_samples, 4, args.calib_max_length, seed=0)

@@ -48,8 +48,9 @@ IMPORTANCES = ("magnitude", "taylor")
 #: Why the attention projections cannot be handed to BasePruner (reproduced in tests on a tiny model).
 ATTENTION_LIMITATION = (
     "torch_pruning DependencyGraph.get_pruning_group never returns for a q_proj or k_proj root "
-    "(_fix_dependency_graph_non_recursive keeps growing its stack; RoPE/attention index mappings form a "
-    "cycle) on Llama/Qwen2 in transformers 5, sdpa and eager attention alike (cf. VainF/Torch-Pruning#527); "
+    "(_fix_dependency_graph_non_recursive keeps growing its stack; the index mappings through RoPE and the "
+    "attention products apparently never settle) on Llama/Qwen2 in transformers 5, sdpa and eager attention, "
+    "with or without GQA (cf. VainF/Torch-Pruning#527); "
     "BasePruner.__init__ enumerates every root group, so it hangs unless q/k/v/o_proj are ignored layers"
 )
 
