@@ -7,7 +7,6 @@ its file and line number and skipped (or, with ``strict``, raised) instead of fa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import datasets
 
+from .files import sha256_file
 from .metrics import parse_number
 
 TASKS = ("gsm8k", "svamp", "jsonl")
@@ -108,14 +108,6 @@ def to_problem(row: dict, task: str, fields: FieldSpec, index: int) -> Problem:
     return Problem(question=question.strip(), solution=solution.strip() if solution else None, answer=answer, index=index)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _read_jsonl(path: Path, task: str, fields: FieldSpec) -> tuple[list[Problem], list[str]]:
     """Problems of a JSONL file and a `file:line: reason` message for every malformed line.
 
@@ -179,7 +171,7 @@ def load_problems(
         problems, errors = _read_jsonl(path, task, fields)
         if errors and strict:
             raise ValueError(f"source: {len(errors)} malformed line(s):\n" + "\n".join(errors))
-        result = ProblemSet(problems[:limit], str(source), task, split, str(path.resolve()), _sha256(path), errors)
+        result = ProblemSet(problems[:limit], str(source), task, split, str(path.resolve()), sha256_file(path), errors)
     else:
         hub_split = split or "test"
         try:

@@ -14,7 +14,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -25,8 +24,16 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .data import TASKS, Problem, load_problems
+from .files import write_text_atomic
 from .generation import DEFAULT_MAX_NEW_TOKENS, iter_generations
-from .metrics import IGNORE_INDEX, ChainOfThoughtNLL, ReasoningAccuracy, TextPerplexity, answers_match, extract_answer
+from .metrics import (
+    IGNORE_INDEX,
+    ChainOfThoughtNLL,
+    ReasoningAccuracy,
+    TextPerplexity,
+    answers_match,
+    extract_answer,
+)
 from .prompts import build_prompt, collate_left, encode_solution, select_exemplars
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -130,14 +137,6 @@ def evaluate_model(
             score_solutions(model, tokenizer, problems, nll_batch_size or batch_size, max_length, exemplars, progress)
         )
     return {"metrics": metrics, "predictions": predictions}
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
 
 
 def default_data(task: str) -> Path:
@@ -259,10 +258,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": "python -m rku_lightning.evaluate " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     if result["predictions"]:
-        write_atomic(predictions_path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in result["predictions"]))
+        write_text_atomic(predictions_path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in result["predictions"]))
     else:
         report["predictions_file"] = None
-    write_atomic(args.json, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(args.json, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     _print_table(result["metrics"])
     print(f"report: {args.json}" + (f"\npredictions: {predictions_path}" if result["predictions"] else ""))
     return 0
