@@ -28,7 +28,7 @@ from .gates import StructureGates
 from .importance import Importance, get_importance
 from .objectives import get_objective
 from .statistics import CalibrationStatistics
-from .structures import head_param_count, kv_param_count, unit_param_counts
+from .structures import base_param_count, head_param_count, kv_param_count, unit_param_counts
 
 ALLOCATIONS = ("global", "uniform")
 ATTENTION_MODES = ("groups", "query_heads")
@@ -165,8 +165,8 @@ class StructuredPruner:
         self.gates.attach()
         self.stats = CalibrationStatistics()
         self.history: list[PruneReport] = []
-        self._decoder_total = sum(p.numel() for layer in self.adapter.decoder_layers() for p in layer.parameters())
-        self._model_total = sum(p.numel() for p in self.model.parameters())
+        self._decoder_total = sum(base_param_count(layer) for layer in self.adapter.decoder_layers())
+        self._model_total = base_param_count(self.model)
 
     # -- calibration -----------------------------------------------------------------------------
     def reset(self) -> None:
@@ -299,7 +299,7 @@ class StructuredPruner:
         views = self.adapter.views()
         offers = [self._offer(view, with_scores=True) for view in views]
         pools = [offers] if self.allocation == "global" else [[o] for o in offers]
-        layer_totals = [sum(p.numel() for p in v.layer.parameters()) for v in views]
+        layer_totals = [base_param_count(v.layer) for v in views]
         plans = []
         for pool in pools:
             pool_total = self._decoder_total if self.allocation == "global" else layer_totals[pool[0].layer]

@@ -69,3 +69,8 @@ def head_param_count(view: LayerView) -> int:
 def kv_param_count(view: LayerView) -> int:
     """Parameters of one KV head alone (k and v rows with biases)."""
     return int(unit_param_counts(view, "group")[0]) - view.heads_per_group * head_param_count(view)
+
+
+def base_param_count(module: torch.nn.Module) -> int:
+    """Parameters of the model itself: LoRA adapters (peft's `lora_*` tensors) are training aids, not size."""
+    return sum(p.numel() for name, p in module.named_parameters() if "lora_" not in name)

@@ -79,7 +79,10 @@ def test_lora_wrappers_are_gated_as_a_whole(family):
     peft_model = get_peft_model(model, config)
     pruner = StructuredPruner(peft_model, progress=False)
     pruner.calibrate(tiny_batches())
-    pruner.prune(0.4)
+    report = pruner.prune(0.4)
+    plain = StructuredPruner(tiny_model(family), importance="magnitude", progress=False).prune(0.4)
+    assert report.decoder_params_before == plain.decoder_params_before  # adapters are not model size
+    assert report.total_params_before == plain.total_params_before
     batch = tiny_batches(1, seed=2)[0]
     with torch.no_grad():
         masked = peft_model(**batch).logits
