@@ -11,7 +11,9 @@ are identical whichever row computes them; the cache only saves CPU hours).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,11 +66,16 @@ class Row:
     sparsity: float = 0.0
 
     @property
+    def method(self) -> str:
+        if self.importance is None:
+            return "dense"
+        return self.importance if self.objective == "ce" else f"{self.importance}_{self.objective}"
+
+    @property
     def row_id(self) -> str:
         if self.importance is None:
             return f"{self.model}-dense"
-        method = self.importance if self.objective == "ce" else f"{self.importance}_{self.objective}"
-        return f"{self.model}-{method}-{self.allocation}-{round(self.sparsity * 100)}"
+        return f"{self.model}-{self.method}-{self.allocation}-{round(self.sparsity * 100)}"
 
     @classmethod
     def parse(cls, row_id: str) -> "Row":
@@ -102,10 +109,20 @@ def calibrated_pruner(row: Row, model, tokenizer, settings: Settings) -> tuple[S
         return pruner, timing
     # Gradient passes also record activations, so Wanda-sp / FLAP read the `ce` statistics.
     path = _stats_path(row.model, row.objective, settings)
-    if path.is_file():
-        pruner.stats.load_state_dict(torch.load(path))
-        timing["calibration"] = "cached"
-        return pruner, timing
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Rows may run in parallel: one computes the statistics, the others wait for it and read them.
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            pruner.stats.load_state_dict(torch.load(path))
+            timing["calibration"] = "cached"
+            return pruner, timing
+        timing.update(_calibrate_and_cache(row, model, tokenizer, settings, path))
+    pruner.stats.load_state_dict(torch.load(path))
+    return pruner, timing
+
+
+def _calibrate_and_cache(row: Row, model, tokenizer, settings: Settings, path: Path) -> dict:
     problems = load_problems(DATA / "gsm8k" / "train.jsonl", task="gsm8k", split="train")
     batches = calibration_batches(
         tokenizer, problems, settings.calib_samples, 4, settings.calib_max_length,
@@ -114,11 +131,11 @@ def calibrated_pruner(row: Row, model, tokenizer, settings: Settings) -> tuple[S
     scorer = StructuredPruner(model, importance="rku", objective=row.objective)
     started = time.perf_counter()
     scorer.calibrate(batches)
-    timing["calibrate_s"] = round(time.perf_counter() - started, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(scorer.stats.state_dict(), path)
-    pruner.stats.load_state_dict(scorer.stats.state_dict())
-    return pruner, timing
+    seconds = round(time.perf_counter() - started, 1)
+    tmp = path.with_suffix(".tmp")
+    torch.save(scorer.stats.state_dict(), tmp)
+    os.replace(tmp, path)
+    return {"calibrate_s": seconds}
 
 
 def run_row(row: Row, settings: Settings) -> dict:

@@ -12,29 +12,41 @@ import argparse
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 from . import oneshot
 from .common import ROOT, is_done
 
 
-def run_oneshot(args: argparse.Namespace) -> int:
+def _ordered_rows(args: argparse.Namespace) -> list[oneshot.Row]:
+    """The grid's rows; with --methods, only those methods (and dense), in the order given."""
     rows = oneshot.grid(args.models, args.sparsities, args.allocations)
-    if args.methods:
-        rows = [r for r in rows if r.importance is None or r.row_id.split("-")[1] in args.methods]
+    if not args.methods:
+        return rows
+    rank = {name: i for i, name in enumerate(args.methods)}
+    chosen = [r for r in rows if r.method in rank]
+    return sorted(chosen, key=lambda r: (rank[r.method], r.model, r.allocation, r.sparsity))
+
+
+def _run_one(row: oneshot.Row, settings: list[str], label: str) -> bool:
+    print(f"{label} {row.row_id}: running", flush=True)
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "benchmarks.oneshot", "--row", row.row_id, *settings], cwd=ROOT)
+    status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode})"
+    print(f"{label} {row.row_id}: {status} in {time.perf_counter() - started:.0f} s", flush=True)
+    return result.returncode == 0
+
+
+def run_oneshot(args: argparse.Namespace) -> int:
+    rows = _ordered_rows(args)
     settings = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(oneshot.settings_from(args)).items()]
-    failures = 0
-    for number, row in enumerate(rows, 1):
-        if is_done(oneshot.STAGE, row.row_id):
-            print(f"[{number}/{len(rows)}] {row.row_id}: done, skipped", flush=True)
-            continue
-        print(f"[{number}/{len(rows)}] {row.row_id}: running", flush=True)
-        started = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "benchmarks.oneshot", "--row", row.row_id, *settings], cwd=ROOT)
-        status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode})"
-        failures += result.returncode != 0
-        print(f"[{number}/{len(rows)}] {row.row_id}: {status} in {time.perf_counter() - started:.0f} s", flush=True)
-    return failures
+    todo = [(i, r) for i, r in enumerate(rows, 1) if not is_done(oneshot.STAGE, r.row_id)]
+    print(f"{len(rows) - len(todo)} of {len(rows)} rows done already; running {len(todo)} with {args.jobs} job(s)", flush=True)
+    # Rows are separate processes; with --jobs 2 on 2 cores each should use one thread (--threads 1).
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(lambda item: _run_one(item[1], settings, f"[{item[0]}/{len(rows)}]"), todo))
+    return sum(not ok for ok in results)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     one.add_argument("--models", nargs="+", default=["qwen0.5b"], choices=["qwen0.5b", "smollm2"])
     one.add_argument("--sparsities", nargs="+", type=float, default=[0.2, 0.3, 0.4])
     one.add_argument("--allocations", nargs="+", default=["global", "uniform"], choices=["global", "uniform"])
-    one.add_argument("--methods", nargs="*", help="method names as in row ids (rku, rku_hidden, kinetic, taylor, ...)")
+    one.add_argument("--methods", nargs="*", help="method names as in row ids, in the order to run them (dense, rku, rku_hidden, ...)")
+    one.add_argument("--jobs", type=int, default=1, help="rows to run at once, each in its own process")
     oneshot.add_settings_arguments(one)
     stages.add_parser("render", help="write benchmarks/RESULTS.md and its plots from the saved rows")
     args = parser.parse_args(argv)

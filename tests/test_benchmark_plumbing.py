@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 
@@ -26,6 +27,13 @@ def bench_env(tmp_path, monkeypatch, shared_data):
     monkeypatch.setattr(render, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(render, "RESULTS_MD", tmp_path / "RESULTS.md")
     return tmp_path
+
+
+def test_methods_choose_and_order_the_rows():
+    from benchmarks.run import _ordered_rows
+
+    args = argparse.Namespace(models=["qwen0.5b"], sparsities=[0.4], allocations=["global"], methods=["magnitude", "dense", "rku"])
+    assert [r.row_id for r in _ordered_rows(args)] == ["qwen0.5b-magnitude-global-40", "qwen0.5b-dense", "qwen0.5b-rku-global-40"]
 
 
 def test_row_ids_round_trip_and_grid_covers_every_method():
