@@ -124,8 +124,9 @@ def test_train_py_end_to_end(tmp_path):
         ("--data.train_data=/nonexistent/gsm8k/train.jsonl", "train_data"),
     ],
 )
-def test_bad_configuration_fails_before_compute(tmp_path, capsys, override, field):
-    sys.path.insert(0, str(ROOT))
+def test_bad_configuration_fails_before_compute(tmp_path, capsys, monkeypatch, override, field):
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # LightningCLI warns when pytest's own flags are there too
     import train as train_script
 
     with pytest.raises((ValueError, SystemExit)) as caught:
