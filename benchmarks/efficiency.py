@@ -27,7 +27,6 @@ import argparse
 import gc
 import json
 import multiprocessing as mp
-import os
 import resource
 import statistics
 import time

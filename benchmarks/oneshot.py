@@ -29,6 +29,8 @@ from rku_lightning.files import sha256_file
 from .common import DATA, MODELS, WORK, is_done, write_row
 
 STAGE = "oneshot"
+#: Rows without generation (CoT NLL only) live apart, so that a full row never gets mistaken for one.
+NLL_STAGE = "oneshot_nll"
 #: (importance, objective) of every method row; `kinetic` is RKU without the Fisher-trace normalisation.
 METHODS: tuple[tuple[str, str], ...] = (
     ("rku", "ce"),
@@ -55,6 +57,12 @@ class Settings:
     seed: int = 0
     #: torch threads; 1 is ~8x faster than 2 on a 2-core machine that runs anything else (measured).
     threads: int = 1
+    #: False: teacher-forced CoT NLL only (minutes instead of an hour per row on 2 CPU cores).
+    generate: bool = True
+
+    @property
+    def stage(self) -> str:
+        return STAGE if self.generate else NLL_STAGE
 
 
 @dataclass(frozen=True)
@@ -158,11 +166,15 @@ def run_row(row: Row, settings: Settings) -> dict:
     svamp = load_problems(svamp_path, task="svamp", limit=settings.svamp_limit)
     started = time.perf_counter()
     # Teacher-forced scoring in pairs: full-vocabulary logits of 8 long sequences take gigabytes.
-    g = evaluate_model(model, tokenizer, gsm8k, settings.batch_size, settings.max_new_tokens, nll_batch_size=2)
+    g = evaluate_model(
+        model, tokenizer, gsm8k, settings.batch_size, settings.max_new_tokens, generate=settings.generate, nll_batch_size=2
+    )
     timings["gsm8k_s"] = round(time.perf_counter() - started, 1)
-    started = time.perf_counter()
-    s = evaluate_model(model, tokenizer, svamp, settings.batch_size, settings.max_new_tokens, nll=False)
-    timings["svamp_s"] = round(time.perf_counter() - started, 1)
+    s: dict = {"metrics": {}, "predictions": []}
+    if settings.generate:
+        started = time.perf_counter()
+        s = evaluate_model(model, tokenizer, svamp, settings.batch_size, settings.max_new_tokens, nll=False)
+        timings["svamp_s"] = round(time.perf_counter() - started, 1)
     return {
         "row": asdict(row),
         "settings": asdict(settings),
@@ -174,7 +186,7 @@ def run_row(row: Row, settings: Settings) -> dict:
         "gsm8k_correct": [p["correct"] for p in g["predictions"]],
         "svamp_correct": [p["correct"] for p in s["predictions"]],
         "gsm8k_indices": [p.index for p in gsm8k],
-        "svamp_indices": [p.index for p in svamp],
+        "svamp_indices": [p.index for p in svamp] if settings.generate else [],
         "data": {
             "gsm8k_test": {"path": str(gsm8k_path), "sha256": sha256_file(gsm8k_path)},
             "svamp_test": {"path": str(svamp_path), "sha256": sha256_file(svamp_path)},
@@ -187,7 +199,20 @@ def run_row(row: Row, settings: Settings) -> dict:
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     for name, value in asdict(Settings()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+
+
+def settings_flags(settings: Settings) -> list[str]:
+    """The command-line form of `settings`, for a row's own process."""
+    flags = []
+    for name, value in asdict(settings).items():
+        flag = name.replace("_", "-")
+        flags.append((f"--{flag}" if value else f"--no-{flag}") if isinstance(value, bool) else f"--{flag}={value}")
+    return flags
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -199,12 +224,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--row", required=True, help="row id, e.g. qwen0.5b-rku-global-40 or qwen0.5b-dense")
     add_settings_arguments(parser)
     args = parser.parse_args(argv)
-    if is_done(STAGE, args.row):
+    settings = settings_from(args)
+    if is_done(settings.stage, args.row):
         print(f"{args.row}: done already")
         return
-    record = run_row(Row.parse(args.row), settings_from(args))
+    record = run_row(Row.parse(args.row), settings)
     predictions = record.pop("predictions")
-    path = write_row(STAGE, args.row, record)
+    path = write_row(settings.stage, args.row, record)
     lines = [json.dumps({"set": name, **p}) for name, rows in predictions.items() for p in rows]
     path.with_suffix(".predictions.jsonl").write_text("\n".join(lines) + "\n")
     print(f"{args.row}: GSM8K {record['gsm8k'].get('accuracy')} SVAMP {record['svamp'].get('accuracy')} -> {path}")

@@ -29,7 +29,6 @@ import json
 import math
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -38,7 +37,6 @@ from rku_lightning import StructuredPruner, load_causal_lm
 from rku_lightning.calibration import calibration_batches
 from rku_lightning.data import load_problems
 from rku_lightning.evaluate import evaluate_model
-
 from rku_lightning.files import sha256_file
 
 from .common import DATA, MODELS, is_done, write_row

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 
 from . import oneshot
 from .common import ROOT, is_done
@@ -40,12 +39,13 @@ def _run_one(row: oneshot.Row, settings: list[str], label: str) -> bool:
 
 def run_oneshot(args: argparse.Namespace) -> int:
     rows = _ordered_rows(args)
-    settings = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(oneshot.settings_from(args)).items()]
-    todo = [(i, r) for i, r in enumerate(rows, 1) if not is_done(oneshot.STAGE, r.row_id)]
+    settings = oneshot.settings_from(args)
+    flags = oneshot.settings_flags(settings)
+    todo = [(i, r) for i, r in enumerate(rows, 1) if not is_done(settings.stage, r.row_id)]
     print(f"{len(rows) - len(todo)} of {len(rows)} rows done already; running {len(todo)} with {args.jobs} job(s)", flush=True)
     # Rows are separate processes; with --jobs 2 on 2 cores each should use one thread (--threads 1).
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(lambda item: _run_one(item[1], settings, f"[{item[0]}/{len(rows)}]"), todo))
+        results = list(pool.map(lambda item: _run_one(item[1], flags, f"[{item[0]}/{len(rows)}]"), todo))
     return sum(not ok for ok in results)
 
 

@@ -66,6 +66,17 @@ def test_oneshot_rows_run_cache_statistics_and_render(bench_env):
     assert (bench_env / "results" / "oneshot_sparsity.png").stat().st_size > 1000
 
 
+def test_settings_survive_the_command_line_and_nll_only_rows_skip_generation(bench_env):
+    parser = argparse.ArgumentParser()
+    oneshot.add_settings_arguments(parser)
+    settings = Settings(generate=False, threads=2, gsm8k_limit=2, calib_samples=2, calib_max_length=700)
+    assert oneshot.settings_from(parser.parse_args(oneshot.settings_flags(settings))) == settings
+    assert settings.stage == "oneshot_nll" and Settings().stage == "oneshot"
+    record = run_row(Row("tiny", "magnitude", sparsity=0.3), settings)
+    assert record["gsm8k"]["cot_nll"] > 0 and "accuracy" not in record["gsm8k"]
+    assert record["gsm8k_correct"] == [] and record["svamp"] == {}
+
+
 def test_bootstrap_intervals_cover_the_mean_and_pair_questions():
     flags = [True] * 30 + [False] * 70
     low, high = bootstrap_interval(flags)
