@@ -27,7 +27,6 @@ import argparse
 import gc
 import json
 import multiprocessing as mp
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -167,8 +166,25 @@ def _memory() -> dict:
         key, _, value = line.partition(":")
         if key in ("VmHWM", "VmRSS"):
             fields[key] = int(value.split()[0]) * 1024
-    return {"peak_bytes": fields.get("VmHWM"), "current_bytes": fields.get("VmRSS"),
-            "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "kind": "cpu_rss"}
+    # Not ru_maxrss: a spawned child inherits its parent's high-water mark across fork + exec.
+    return {"peak_bytes": fields.get("VmHWM"), "current_bytes": fields.get("VmRSS"), "kind": "cpu_rss"}
+
+
+def _settle(model) -> None:
+    """Make the loaded weights resident and return freed heap to the OS, so the baseline is the model.
+
+    Lazily mmapped checkpoints otherwise fault their weights in during the measured work, and a loader's
+    temporary copies can linger in the heap; either would be charged to the wrong side.
+    """
+    with torch.inference_mode():
+        model(input_ids=torch.ones(1, 1, dtype=torch.long, device=_device(model)))
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _load(spec: dict):
@@ -183,6 +199,7 @@ def _generation_memory_child(spec: dict, batch: int, new_tokens: int, threads: i
         model, tokenizer = _load(spec)
         if torch.cuda.is_available():
             model.cuda()
+        _settle(model)
         _reset_peak()
         loaded = _memory()
         seconds = time.perf_counter()
@@ -191,7 +208,7 @@ def _generation_memory_child(spec: dict, batch: int, new_tokens: int, threads: i
         peak = _memory()
         queue.put({"loaded_bytes": loaded["current_bytes"], "peak_bytes": peak["peak_bytes"],
                    "generation_extra_bytes": peak["peak_bytes"] - loaded["current_bytes"], "memory_kind": peak["kind"],
-                   "process_ru_maxrss_bytes": peak.get("ru_maxrss_bytes"), "batch": batch, "new_tokens": new_tokens,
+                   "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "batch": batch, "new_tokens": new_tokens,
                    "tokens_per_s": rate, "seconds": seconds})
     except BaseException as error:  # report, not hang the parent
         queue.put({"error": repr(error)})
@@ -202,6 +219,7 @@ def _scoring_child(spec: dict, method: str, batches_path: str, threads: int, que
         torch.set_num_threads(threads)
         model, _ = _load(spec)
         batches = torch.load(batches_path)
+        _settle(model)
         _reset_peak()
         loaded = _memory()
         started = time.perf_counter()
@@ -222,7 +240,7 @@ def _scoring_child(spec: dict, method: str, batches_path: str, threads: int, que
         peak = _memory()
         queue.put({"method": method, "seconds": round(seconds, 2), "loaded_bytes": loaded["current_bytes"],
                    "peak_bytes": peak["peak_bytes"], "scoring_extra_bytes": peak["peak_bytes"] - loaded["current_bytes"],
-                   "memory_kind": peak["kind"], "process_ru_maxrss_bytes": peak.get("ru_maxrss_bytes"), **detail})
+                   "memory_kind": peak["kind"], **detail})
     except BaseException as error:
         queue.put({"error": repr(error)})
 
