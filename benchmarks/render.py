@@ -75,13 +75,14 @@ def oneshot_tables(rows: list[dict]) -> list[str]:
             "| allocation | sparsity | method | GSM8K acc | CoT NLL | NLL reasoning | NLL other | SVAMP acc | params | KV bytes/token | gap to RKU (paired, GSM8K) |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
+        pruned = [r for r in model_rows if r["row"]["importance"] is not None]
         if dense:
             g = dense["gsm8k"]
+            kv = f"{pruned[0]['report']['kv_cache_bytes_per_token_before']:,}" if pruned else "—"
             out.append(
                 f"| — | 0 % | dense | {_acc(dense['gsm8k_correct'])} | {_fmt(g.get('cot_nll'))} | {_fmt(g.get('cot_nll_reasoning'))} "
-                f"| {_fmt(g.get('cot_nll_other'))} | {_acc(dense['svamp_correct'])} | {dense['params']:,} | — | |"
+                f"| {_fmt(g.get('cot_nll_other'))} | {_acc(dense['svamp_correct'])} | {dense['params']:,} | {kv} | |"
             )
-        pruned = [r for r in model_rows if r["row"]["importance"] is not None]
         key = lambda r: (r["row"]["allocation"], r["row"]["sparsity"], r["gsm8k"].get("cot_nll") or 1e9)  # noqa: E731
         for row in sorted(pruned, key=key):
             rku = next(
