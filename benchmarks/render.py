@@ -91,7 +91,7 @@ def oneshot_tables(rows: list[dict]) -> list[str]:
                 None,
             )
             gap = ""
-            if rku is not None and rku is not row and len(rku["gsm8k_correct"]) == len(row["gsm8k_correct"]):
+            if rku is not None and rku is not row and rku["gsm8k_correct"] and len(rku["gsm8k_correct"]) == len(row["gsm8k_correct"]):
                 mean, low, high = paired_gap(rku["gsm8k_correct"], row["gsm8k_correct"])
                 gap = f"{mean:+.1%} [{low:+.0%}, {high:+.0%}]"
             g, report = row["gsm8k"], row["report"]
