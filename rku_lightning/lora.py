@@ -21,10 +21,8 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import cast_adapter_dtype
 from torch import nn
 
-from .adapters import unwrap_model
+from .adapters import get_adapter, unwrap_model
 
-#: Every linear projection of a Llama / Qwen2 / Mistral decoder layer.
-DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER = "default"
 
 
@@ -35,7 +33,8 @@ class LoRASettings:
     r: int = 16
     alpha: float = 32
     dropout: float = 0.05
-    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    #: None: every prunable projection, as the model family's adapter names them.
+    target_modules: tuple[str, ...] | None = None
 
     @classmethod
     def from_mapping(cls, values: Mapping | None, field_name: str = "lora") -> "LoRASettings":
@@ -53,7 +52,8 @@ class LoRASettings:
             raise ValueError(f"{field_name}.alpha must be a positive number, got {settings.alpha!r}")
         if not isinstance(settings.dropout, (int, float)) or not 0 <= settings.dropout < 1:
             raise ValueError(f"{field_name}.dropout must be a number in [0, 1), got {settings.dropout!r}")
-        if not settings.target_modules or not all(isinstance(t, str) for t in settings.target_modules):
+        targets = settings.target_modules
+        if targets is not None and (not targets or not all(isinstance(t, str) for t in targets)):
             raise ValueError(f"{field_name}.target_modules must be a non-empty list of module names")
         return settings
 
@@ -90,7 +90,7 @@ def inject_lora(model: nn.Module, settings: LoRASettings | Mapping | None = None
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules),
+        target_modules=list(settings.target_modules or get_adapter(hf_model).projection_names()),
         bias="none",
     )
     inject_adapter_in_model(config, hf_model, adapter_name=ADAPTER)

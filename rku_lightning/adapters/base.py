@@ -86,6 +86,12 @@ class ModelAdapter:
     def views(self) -> list[LayerView]:
         return [self.layer_view(i) for i in range(len(self.decoder_layers()))]
 
+    def projection_names(self) -> tuple[str, ...]:
+        """Leaf names of every prunable projection (what LoRA recovery targets), read off layer 0."""
+        view = self.layer_view(0)
+        wanted = {id(m) for m in (*view.mlp_rows, view.mlp_out, view.q, *view.kv_rows, view.o)}
+        return tuple(name.rsplit(".", 1)[-1] for name, m in view.layer.named_modules() if id(m) in wanted)
+
     def set_attention_shape(self, view: LayerView, num_heads: int, num_groups: int) -> None:
         """Update the attention module's own bookkeeping after its projections were sliced."""
         view.attention.num_key_value_groups = num_heads // num_groups
