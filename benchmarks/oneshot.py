@@ -31,16 +31,20 @@ from .common import DATA, MODELS, WORK, is_done, write_row
 STAGE = "oneshot"
 #: Rows without generation (CoT NLL only) live apart, so that a full row never gets mistaken for one.
 NLL_STAGE = "oneshot_nll"
-#: (importance, objective) of every method row; `kinetic` is RKU without the Fisher-trace normalisation.
-METHODS: tuple[tuple[str, str], ...] = (
-    ("rku", "ce"),
-    ("rku", "hidden"),
-    ("kinetic", "ce"),
-    ("taylor", "ce"),
-    ("magnitude", "ce"),
-    ("wanda_sp", "ce"),
-    ("flap", "ce"),
-    ("random", "ce"),
+#: (importance, objective, attention) of every method row; `kinetic` is RKU without the Fisher-trace
+#: normalisation; `query_heads` rows keep every KV group (separates KV-group removal from the scores).
+METHODS: tuple[tuple[str, str, str], ...] = (
+    ("rku", "ce", "groups"),
+    ("rku", "hidden", "groups"),
+    ("kinetic", "ce", "groups"),
+    ("taylor", "ce", "groups"),
+    ("magnitude", "ce", "groups"),
+    ("wanda_sp", "ce", "groups"),
+    ("flap", "ce", "groups"),
+    ("random", "ce", "groups"),
+    ("rku", "ce", "query_heads"),
+    ("kinetic", "ce", "query_heads"),
+    ("flap", "ce", "query_heads"),
 )
 
 
@@ -72,12 +76,15 @@ class Row:
     objective: str = "ce"
     allocation: str = "global"
     sparsity: float = 0.0
+    attention: str = "groups"  # "query_heads": prune query heads, keep every KV group
 
     @property
     def method(self) -> str:
+        """The importance, with `_hidden` / `_qheads` when the objective / attention mode is not the default."""
         if self.importance is None:
             return "dense"
-        return self.importance if self.objective == "ce" else f"{self.importance}_{self.objective}"
+        suffixes = ("_hidden" if self.objective == "hidden" else "") + ("_qheads" if self.attention == "query_heads" else "")
+        return self.importance + suffixes
 
     @property
     def row_id(self) -> str:
@@ -91,8 +98,10 @@ class Row:
         if rest == "dense":
             return cls(model, None)
         method, allocation, percent = rest.rsplit("-", 2)
-        importance, _, objective = method.partition("_hidden")
-        return cls(model, importance, "hidden" if method.endswith("_hidden") else "ce", allocation, int(percent) / 100)
+        attention = "query_heads" if method.endswith("_qheads") else "groups"
+        method = method.removesuffix("_qheads")
+        objective = "hidden" if method.endswith("_hidden") else "ce"
+        return cls(model, method.removesuffix("_hidden"), objective, allocation, int(percent) / 100, attention)
 
 
 def grid(models: list[str], sparsities: list[float], allocations: list[str]) -> list[Row]:
@@ -100,7 +109,7 @@ def grid(models: list[str], sparsities: list[float], allocations: list[str]) -> 
     for m in models:
         for allocation in allocations:
             for s in sparsities:
-                rows += [Row(m, imp, obj, allocation, s) for imp, obj in METHODS]
+                rows += [Row(m, imp, obj, allocation, s, attention) for imp, obj, attention in METHODS]
     return rows
 
 
@@ -111,7 +120,10 @@ def _stats_path(model: str, objective: str, settings: Settings) -> Path:
 
 def calibrated_pruner(row: Row, model, tokenizer, settings: Settings) -> tuple[StructuredPruner, dict]:
     """A pruner for `row` holding the cached statistics (computing and caching them if missing)."""
-    pruner = StructuredPruner(model, importance=row.importance, allocation=row.allocation, objective=row.objective, seed=settings.seed)
+    pruner = StructuredPruner(
+        model, importance=row.importance, allocation=row.allocation, objective=row.objective,
+        attention=row.attention, seed=settings.seed,
+    )
     timing: dict = {}
     if not pruner.importance.needs_calibration:
         return pruner, timing
