@@ -23,7 +23,7 @@ import torch
 from rku_lightning import StructuredPruner, compact, load_causal_lm
 from rku_lightning.calibration import calibration_batches
 from rku_lightning.data import load_problems
-from rku_lightning.evaluate import evaluate_model
+from rku_lightning.evaluate import NLL_KEYS, evaluate_model
 from rku_lightning.files import sha256_file
 
 from .common import DATA, MODELS, WORK, is_done, write_row
@@ -63,10 +63,14 @@ class Settings:
     threads: int = 1
     #: False: teacher-forced CoT NLL only (minutes instead of an hour per row on 2 CPU cores).
     generate: bool = True
+    #: The plain-text perplexity pass doubles the cost of scoring and is not a benchmark metric.
+    perplexity: bool = False
 
     @property
     def stage(self) -> str:
-        return STAGE if self.generate else NLL_STAGE
+        """Where the row lives: NLL-only rows apart, and a non-default question count in its own folder."""
+        base = STAGE if self.generate else NLL_STAGE
+        return base if self.gsm8k_limit == Settings.gsm8k_limit else f"{base}_q{self.gsm8k_limit}"
 
 
 @dataclass(frozen=True)
@@ -179,7 +183,8 @@ def run_row(row: Row, settings: Settings) -> dict:
     started = time.perf_counter()
     # Teacher-forced scoring in pairs: full-vocabulary logits of 8 long sequences take gigabytes.
     g = evaluate_model(
-        model, tokenizer, gsm8k, settings.batch_size, settings.max_new_tokens, generate=settings.generate, nll_batch_size=2
+        model, tokenizer, gsm8k, settings.batch_size, settings.max_new_tokens, generate=settings.generate,
+        nll_batch_size=2, perplexity=settings.perplexity,
     )
     timings["gsm8k_s"] = round(time.perf_counter() - started, 1)
     s: dict = {"metrics": {}, "predictions": []}
@@ -195,8 +200,10 @@ def run_row(row: Row, settings: Settings) -> dict:
         "report": report,
         "gsm8k": g["metrics"],
         "svamp": s["metrics"],
-        "gsm8k_correct": [p["correct"] for p in g["predictions"]],
+        "gsm8k_correct": [p["correct"] for p in g["predictions"]] if settings.generate else [],
         "svamp_correct": [p["correct"] for p in s["predictions"]],
+        # Per-question CoT NLL sums (aligned with gsm8k_indices), for bootstrap intervals on the NLL.
+        "gsm8k_nll": {key: [p[key] for p in g["predictions"]] for key in NLL_KEYS},
         "gsm8k_indices": [p.index for p in gsm8k],
         "svamp_indices": [p.index for p in svamp] if settings.generate else [],
         "data": {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -21,24 +22,43 @@ RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 BOOTSTRAP = 2000
 
 
+def _bootstrap(n: int, statistic: Callable[[list[int]], float], seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of `statistic` over question indices resampled with replacement."""
+    rng = random.Random(seed)
+    values = sorted(statistic([rng.randrange(n) for _ in range(n)]) for _ in range(BOOTSTRAP))
+    return values[int(0.025 * BOOTSTRAP)], values[int(0.975 * BOOTSTRAP) - 1]
+
+
 def bootstrap_interval(flags: list[bool], seed: int = 0) -> tuple[float, float]:
     if not flags:
         return (float("nan"), float("nan"))
-    rng = random.Random(seed)
-    n = len(flags)
-    means = sorted(sum(flags[rng.randrange(n)] for _ in range(n)) / n for _ in range(BOOTSTRAP))
-    return means[int(0.025 * BOOTSTRAP)], means[int(0.975 * BOOTSTRAP) - 1]
+    return _bootstrap(len(flags), lambda idx: sum(flags[i] for i in idx) / len(idx), seed)
 
 
 def paired_gap(a: list[bool], b: list[bool], seed: int = 0) -> tuple[float, float, float]:
     """Mean of a - b over the same questions, with its 95 % paired-bootstrap interval."""
     if len(a) != len(b) or not a:
         raise ValueError("paired_gap needs two equally long, non-empty lists of per-question results")
-    rng = random.Random(seed)
-    n = len(a)
     diffs = [int(x) - int(y) for x, y in zip(a, b)]
-    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(BOOTSTRAP))
-    return sum(diffs) / n, means[int(0.025 * BOOTSTRAP)], means[int(0.975 * BOOTSTRAP) - 1]
+    return (sum(diffs) / len(diffs), *_bootstrap(len(diffs), lambda idx: sum(diffs[i] for i in idx) / len(idx), seed))
+
+
+def _pooled(nll: dict[str, list[float]], idx: list[int]) -> float:
+    return sum(nll["cot_nll_sum"][i] for i in idx) / sum(nll["cot_tokens"][i] for i in idx)
+
+
+def nll_interval(nll: dict[str, list[float]], seed: int = 0) -> tuple[float, float]:
+    """Interval of the token-weighted CoT NLL, resampling whole questions (their tokens are not independent)."""
+    return _bootstrap(len(nll["cot_tokens"]), lambda idx: _pooled(nll, idx), seed)
+
+
+def paired_nll_gap(a: dict[str, list[float]], b: dict[str, list[float]], seed: int = 0) -> tuple[float, float, float]:
+    """NLL(a) - NLL(b) on the same questions, with its 95 % paired-bootstrap interval."""
+    n = len(a["cot_tokens"])
+    if n != len(b["cot_tokens"]) or not n:
+        raise ValueError("paired_nll_gap needs per-question NLL of the same, non-empty question list")
+    every = list(range(n))
+    return (_pooled(a, every) - _pooled(b, every), *_bootstrap(n, lambda idx: _pooled(a, idx) - _pooled(b, idx), seed))
 
 
 def method_name(row: dict) -> str:
@@ -56,32 +76,59 @@ def _acc(flags: list[bool]) -> str:
     return f"{sum(flags) / len(flags):.1%} [{low:.0%}, {high:.0%}]"
 
 
+def _nll(row: dict) -> str:
+    value = row["gsm8k"].get("cot_nll")
+    if value is None or "gsm8k_nll" not in row:
+        return _fmt(value)
+    low, high = nll_interval(row["gsm8k_nll"])
+    return f"{value:.3f} [{low:.2f}, {high:.2f}]"
+
+
+def _gaps(row: dict, reference: dict | None) -> tuple[str, str]:
+    """Paired gaps of `row` against `reference` (RKU at the same allocation and sparsity): accuracy, NLL."""
+    if reference is None or reference is row:
+        return "", ""
+    acc = ""
+    if reference["gsm8k_correct"] and len(reference["gsm8k_correct"]) == len(row["gsm8k_correct"]):
+        mean, low, high = paired_gap(row["gsm8k_correct"], reference["gsm8k_correct"])
+        acc = f"{mean:+.1%} [{low:+.0%}, {high:+.0%}]"
+    nll = ""
+    if "gsm8k_nll" in row and "gsm8k_nll" in reference:
+        mean, low, high = paired_nll_gap(row["gsm8k_nll"], reference["gsm8k_nll"])
+        nll = f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+    return acc, nll
+
+
 def oneshot_tables(rows: list[dict]) -> list[str]:
+    """One table per model and question count; gaps are the row minus RKU on the same questions."""
     out: list[str] = []
-    by_model: dict[str, list[dict]] = defaultdict(list)
+    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for row in rows:
-        by_model[row["row"]["model"]].append(row)
-    for model, model_rows in sorted(by_model.items()):
-        dense = next((r for r in model_rows if r["row"]["importance"] is None), None)
-        settings = model_rows[0]["settings"]
+        groups[(row["row"]["model"], row["settings"]["gsm8k_limit"])].append(row)
+    for (model, limit), group in sorted(groups.items()):
+        dense = next((r for r in group if r["row"]["importance"] is None), None)
+        settings = group[0]["settings"]
         out += [
-            f"### {model}: one-shot pruning, no recovery",
+            f"### {model}: one-shot pruning, no recovery, first {limit} GSM8K test questions",
             "",
-            f"GSM8K: first {settings['gsm8k_limit']} test questions, greedy, max {settings['max_new_tokens']} new tokens; "
+            f"GSM8K: first {limit} test questions, greedy, max {settings['max_new_tokens']} new tokens; "
             f"SVAMP: first {settings['svamp_limit']}; calibration: {settings['calib_samples']} GSM8K-train problems "
-            f"(seed {settings['seed']}), ≤ {settings['calib_max_length']} tokens each. Brackets: 95 % bootstrap interval over questions; "
-            "— : not measured (rows run with `--no-generate` measure CoT NLL only).",
+            f"(seed {settings['seed']}), ≤ {settings['calib_max_length']} tokens each. Brackets: 95 % bootstrap interval "
+            "over questions (NLL: whole questions resampled, token-weighted); the last two columns are the row minus RKU "
+            "at the same allocation and sparsity, paired on the same questions (an interval that excludes 0 is a real gap; "
+            "negative NLL = better than RKU). — : not measured (rows run with `--no-generate` measure CoT NLL only).",
             "",
-            "| allocation | sparsity | method | GSM8K acc | CoT NLL | NLL reasoning | NLL other | SVAMP acc | params | KV bytes/token | gap to RKU (paired, GSM8K) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| allocation | sparsity | method | GSM8K acc | CoT NLL | NLL reasoning | NLL other | SVAMP acc | params "
+            "| KV bytes/token | acc − RKU | NLL − RKU |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        pruned = [r for r in model_rows if r["row"]["importance"] is not None]
+        pruned = [r for r in group if r["row"]["importance"] is not None]
         if dense:
             g = dense["gsm8k"]
             kv = f"{pruned[0]['report']['kv_cache_bytes_per_token_before']:,}" if pruned else "—"
             out.append(
-                f"| — | 0 % | dense | {_acc(dense['gsm8k_correct'])} | {_fmt(g.get('cot_nll'))} | {_fmt(g.get('cot_nll_reasoning'))} "
-                f"| {_fmt(g.get('cot_nll_other'))} | {_acc(dense['svamp_correct'])} | {dense['params']:,} | {kv} | |"
+                f"| — | 0 % | dense | {_acc(dense['gsm8k_correct'])} | {_nll(dense)} | {_fmt(g.get('cot_nll_reasoning'))} "
+                f"| {_fmt(g.get('cot_nll_other'))} | {_acc(dense['svamp_correct'])} | {dense['params']:,} | {kv} | | |"
             )
         key = lambda r: (r["row"]["allocation"], r["row"]["sparsity"], r["gsm8k"].get("cot_nll") or 1e9)  # noqa: E731
         for row in sorted(pruned, key=key):
@@ -90,15 +137,13 @@ def oneshot_tables(rows: list[dict]) -> list[str]:
                  and r["row"]["sparsity"] == row["row"]["sparsity"]),
                 None,
             )
-            gap = ""
-            if rku is not None and rku is not row and rku["gsm8k_correct"] and len(rku["gsm8k_correct"]) == len(row["gsm8k_correct"]):
-                mean, low, high = paired_gap(rku["gsm8k_correct"], row["gsm8k_correct"])
-                gap = f"{mean:+.1%} [{low:+.0%}, {high:+.0%}]"
+            acc_gap, nll_gap = _gaps(row, rku)
             g, report = row["gsm8k"], row["report"]
             out.append(
                 f"| {row['row']['allocation']} | {report['sparsity']:.1%} | {method_name(row)} | {_acc(row['gsm8k_correct'])} "
-                f"| {_fmt(g.get('cot_nll'))} | {_fmt(g.get('cot_nll_reasoning'))} | {_fmt(g.get('cot_nll_other'))} "
-                f"| {_acc(row['svamp_correct'])} | {row['params']:,} | {report['kv_cache_bytes_per_token_after']:,} | {gap} |"
+                f"| {_nll(row)} | {_fmt(g.get('cot_nll_reasoning'))} | {_fmt(g.get('cot_nll_other'))} "
+                f"| {_acc(row['svamp_correct'])} | {row['params']:,} | {report['kv_cache_bytes_per_token_after']:,} "
+                f"| {acc_gap} | {nll_gap} |"
             )
         out.append("")
     return out
@@ -178,10 +223,51 @@ def diagnostics_section(row: dict) -> list[str]:
 
 
 def oneshot_rows() -> list[dict]:
-    """Full rows, plus NLL-only rows for the methods that have no full row yet."""
-    full = load_rows("oneshot")
-    have = {r["row_id"] for r in full}
-    return full + [r for r in load_rows("oneshot_nll") if r["row_id"] not in have]
+    """One row per (row id, question count): the full row, with CoT NLL from its NLL-only twin if it lacks
+    per-question NLL, or the NLL-only row where no full row exists (NLL is the same teacher-forced pass)."""
+    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for folder in sorted(p for p in RESULTS.glob("oneshot*") if p.is_dir()):
+        for row in load_rows(folder.name):
+            groups[(row["row_id"], row["settings"]["gsm8k_limit"])].append(row)
+    merged = []
+    for group in groups.values():
+        full = [r for r in group if r["settings"].get("generate", True)]
+        nll = [r for r in group if not r["settings"].get("generate", True) and "gsm8k_nll" in r]
+        row = dict(full[0] if full else group[0])
+        if "gsm8k_nll" not in row and nll:
+            cot = {k: v for k, v in nll[0]["gsm8k"].items() if k.startswith("cot_")}
+            row.update(gsm8k={**row["gsm8k"], **cot}, gsm8k_nll=nll[0]["gsm8k_nll"])
+        merged.append(row)
+    return merged
+
+
+def peer_section(rows: list[dict]) -> list[str]:
+    """Torch-Pruning rows beside the engine's closest configurations, evaluated by the same code."""
+    lines = [
+        "## Peer: Torch-Pruning, same model and parameter count",
+        "",
+        "| row | sparsity | GSM8K acc | CoT NLL | SVAMP acc | params | how it differs from the engine |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['row_id']} | {r['achieved_sparsity']:.1%} | {_acc(r['gsm8k_correct'])} | {_nll(r)} "
+            f"| {_acc(r['svamp_correct'])} | {r['params']:,} | {r.get('differences_from_engine', '')} |"
+        )
+    return lines + [""]
+
+
+def efficiency_section(rows: list[dict]) -> list[str]:
+    """Ratios measured side by side in one process (pruned / dense, RKU / Taylor)."""
+    lines = ["## Efficiency (ratios from one process; see each row for the raw repetitions)", ""]
+    for r in rows:
+        env = f"{r['environment']['device']}, {r['environment']['threads']} threads"
+        ratios = r.get("ratios_pruned_over_dense") or r.get("ratios_rku_over_taylor") or {}
+        title = "pruned / dense" if "ratios_pruned_over_dense" in r else "RKU scoring / Torch-Pruning Taylor scoring"
+        lines += [f"**{r['row_id']}** ({title}; {env}; commit {r['commit'][:7]})", "", "| quantity | ratio |", "|---|---|"]
+        lines += [f"| {name} | {value:.3f} |" for name, value in ratios.items()]
+        lines.append("")
+    return lines
 
 
 def render() -> Path:
@@ -196,9 +282,9 @@ def render() -> Path:
         lines.append("")
     for row in load_rows("diagnostics"):
         lines += diagnostics_section(row)
-    for stage in ("peer", "efficiency", "recover"):
-        extra = load_rows(stage)
-        if extra:
-            lines += [f"## {stage}", "", "Rows: " + ", ".join(f"`results/{stage}/{r['row_id']}.json`" for r in extra), ""]
+    if peer := load_rows("peer"):
+        lines += peer_section(peer)
+    if efficiency := load_rows("efficiency"):
+        lines += efficiency_section(efficiency)
     RESULTS_MD.write_text("\n".join(lines) + "\n")
     return RESULTS_MD

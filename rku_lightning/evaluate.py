@@ -15,7 +15,6 @@ import os
 import platform
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,11 +27,12 @@ from .files import write_text_atomic
 from .generation import DEFAULT_MAX_NEW_TOKENS, iter_generations
 from .metrics import (
     IGNORE_INDEX,
-    ChainOfThoughtNLL,
     ReasoningAccuracy,
     TextPerplexity,
     answers_match,
     extract_answer,
+    sequence_nll,
+    summarise_nll,
 )
 from .prompts import build_prompt, collate_left, encode_solution, select_exemplars
 
@@ -46,6 +46,10 @@ def _number(value: torch.Tensor | float | int) -> float | int | None:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+#: Per-question keys that `score_solutions` adds (sums, so questions can be pooled or resampled).
+NLL_KEYS = ("cot_nll_sum", "cot_tokens", "cot_nll_reasoning_sum", "cot_tokens_reasoning")
+
+
 @torch.inference_mode()
 def score_solutions(
     model: PreTrainedModel,
@@ -55,11 +59,18 @@ def score_solutions(
     max_length: int = 1024,
     exemplars: Sequence[Problem] = (),
     progress: bool = True,
-) -> dict[str, float | int | None]:
-    """CoT NLL of the gold solutions (prompt masked) and perplexity of question + solution as plain text."""
+    perplexity: bool = True,
+) -> tuple[dict[str, float | int | None], list[dict]]:
+    """CoT NLL of the gold solutions (prompt masked) and, with `perplexity`, of question + solution as plain text.
+
+    Returns the pooled metrics and one ``{"index", *NLL_KEYS}`` dict per solved problem, so that a
+    benchmark can put a bootstrap interval on the NLL. `perplexity=False` halves the cost.
+    """
     device = next(model.parameters()).device
-    cot, text_ppl = ChainOfThoughtNLL().to(device), TextPerplexity().to(device)
+    text_ppl = TextPerplexity().to(device)
     solved = [p for p in problems if p.solution]
+    per_question: list[dict] = []
+    sums = torch.zeros(4, dtype=torch.float64)
     was_training = model.training
     model.eval()
     try:
@@ -68,19 +79,22 @@ def score_solutions(
             batch = collate_left([encode_solution(tokenizer, p, max_length, exemplars) for p in chunk], tokenizer.pad_token_id)
             batch = {key: value.to(device) for key, value in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            cot.update(logits, batch["labels"], batch["reasoning_mask"])
+            rows = sequence_nll(logits, batch["labels"], batch["reasoning_mask"]).cpu()
             del logits
+            sums += rows.sum(0)
+            for problem, row in zip(chunk, rows.tolist()):
+                per_question.append({"index": problem.index, **dict(zip(NLL_KEYS, row))})
+            if not perplexity:
+                continue
             plain = [{"input_ids": tokenizer(f"{p.question}\n{p.solution}", truncation=True, max_length=max_length)["input_ids"]} for p in chunk]
             plain = {key: value.to(device) for key, value in collate_left(plain, tokenizer.pad_token_id).items()}
             logits = model(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"]).logits
             text_ppl.update(logits, plain["input_ids"].masked_fill(plain["attention_mask"] == 0, IGNORE_INDEX))
     finally:
         model.train(was_training)
-    with warnings.catch_warnings():  # a set without worked solutions (SVAMP) leaves the states empty
-        warnings.filterwarnings("ignore", message=".*compute.*called before.*update", category=UserWarning)
-        scores = {f"cot_{key}": _number(value) for key, value in cot.compute().items()}
-    scores["text_ppl"] = _number(text_ppl.compute()) if solved else None
-    return scores
+    scores = {f"cot_{key}": _number(value) for key, value in summarise_nll(sums).items()}
+    scores["text_ppl"] = _number(text_ppl.compute()) if solved and perplexity else None
+    return scores, per_question
 
 
 def evaluate_model(
@@ -95,11 +109,14 @@ def evaluate_model(
     nll_batch_size: int | None = None,
     max_length: int = 1024,
     progress: bool = True,
+    perplexity: bool = True,
 ) -> dict:
     """All reasoning metrics of `model` on `problems`.
 
     Returns ``{"metrics": {name: number}, "predictions": [per-question dict]}``; `generate` and `nll`
-    switch off the slow generation pass or the scoring pass (e.g. a cheap per-round check).
+    switch off the slow generation pass or the scoring pass (e.g. a cheap per-round check);
+    `perplexity=False` skips the plain-text perplexity pass. A question's prediction carries its
+    CoT NLL sums (`NLL_KEYS`) when it was scored.
     """
     if not problems:
         raise ValueError("problems: need at least one problem to evaluate")
@@ -133,9 +150,16 @@ def evaluate_model(
         metrics["generation_s"] = round(seconds, 2)
         metrics["generated_tokens_per_s"] = round(int(accuracy.tokens) / seconds, 2) if seconds > 0 else None
     if nll:
-        metrics.update(
-            score_solutions(model, tokenizer, problems, nll_batch_size or batch_size, max_length, exemplars, progress)
+        scores, per_question = score_solutions(
+            model, tokenizer, problems, nll_batch_size or batch_size, max_length, exemplars, progress, perplexity
         )
+        metrics.update(scores)
+        by_index = {p["index"]: p for p in predictions}
+        for entry in per_question:
+            if entry["index"] in by_index:
+                by_index[entry["index"]].update(entry)
+            else:
+                predictions.append(entry)
     return {"metrics": metrics, "predictions": predictions}
 
 

@@ -239,6 +239,42 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     return nll * valid, valid
 
 
+def sequence_nll(logits: torch.Tensor, labels: torch.Tensor, reasoning_mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence sums ``[nll, tokens, nll_reasoning, tokens_reasoning]`` (float64, shape (B, 4)).
+
+    Sums rather than means, so that sequences can be pooled (token-weighted) or resampled per question
+    for bootstrap intervals; `summarise_nll` turns pooled sums into the reported means.
+    """
+    if reasoning_mask.shape != labels.shape:
+        raise ValueError(
+            f"reasoning_mask: expected shape {tuple(labels.shape)} like labels, got {tuple(reasoning_mask.shape)}"
+        )
+    nll, valid = token_nll(logits, labels)
+    reasoning = (reasoning_mask[:, 1:].bool() & valid).to(nll.dtype)
+    columns = (nll.sum(1), valid.sum(1), (nll * reasoning).sum(1), reasoning.sum(1))
+    return torch.stack([c.double() for c in columns], dim=1)
+
+
+def summarise_nll(sums: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Token-weighted means of pooled `sequence_nll` sums, overall and per token class (NaN when empty)."""
+    nll, tokens, nll_reasoning, tokens_reasoning = sums.double().unbind()
+    nll_other, tokens_other = nll - nll_reasoning, tokens - tokens_reasoning
+
+    def mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        return (total / count).float() if count > 0 else torch.tensor(float("nan"))
+
+    overall = mean(nll, tokens)
+    return {
+        "nll": overall,
+        "nll_reasoning": mean(nll_reasoning, tokens_reasoning),
+        "nll_other": mean(nll_other, tokens_other),
+        "ppl": torch.exp(overall),
+        "tokens": tokens.round().long(),
+        "tokens_reasoning": tokens_reasoning.round().long(),
+        "tokens_other": tokens_other.round().long(),
+    }
+
+
 class ChainOfThoughtNLL(Metric):
     """Teacher-forced NLL of gold solutions given the question, overall and per token class.
 
@@ -252,41 +288,15 @@ class ChainOfThoughtNLL(Metric):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        for name in ("nll", "nll_reasoning", "nll_other"):
-            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        for name in ("tokens", "tokens_reasoning", "tokens_other"):
-            self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        # [nll, tokens, nll_reasoning, tokens_reasoning], summed over sequences (and ranks).
+        self.add_state("sums", default=torch.zeros(4, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor, reasoning_mask: torch.Tensor) -> None:
         """`labels` and `reasoning_mask` are aligned with the model inputs, as `encode_solution` makes them."""
-        if reasoning_mask.shape != labels.shape:
-            raise ValueError(
-                f"reasoning_mask: expected shape {tuple(labels.shape)} like labels, got {tuple(reasoning_mask.shape)}"
-            )
-        nll, valid = token_nll(logits, labels)
-        reasoning = reasoning_mask[:, 1:].bool() & valid
-        other = valid & ~reasoning
-        self.nll += nll.sum().double()
-        self.nll_reasoning += nll[reasoning].sum().double()
-        self.nll_other += nll[other].sum().double()
-        self.tokens += valid.sum()
-        self.tokens_reasoning += reasoning.sum()
-        self.tokens_other += other.sum()
+        self.sums += sequence_nll(logits, labels, reasoning_mask).sum(0)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        def mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-            return (total / count).float() if count > 0 else torch.tensor(float("nan"))
-
-        nll = mean(self.nll, self.tokens)
-        return {
-            "nll": nll,
-            "nll_reasoning": mean(self.nll_reasoning, self.tokens_reasoning),
-            "nll_other": mean(self.nll_other, self.tokens_other),
-            "ppl": torch.exp(nll),
-            "tokens": self.tokens.clone(),
-            "tokens_reasoning": self.tokens_reasoning.clone(),
-            "tokens_other": self.tokens_other.clone(),
-        }
+        return summarise_nll(self.sums)
 
 
 class TextPerplexity(Perplexity):

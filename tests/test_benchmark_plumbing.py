@@ -13,7 +13,7 @@ import benchmarks.common as common
 import benchmarks.oneshot as oneshot
 import benchmarks.render as render
 from benchmarks.oneshot import Row, Settings, grid, run_row
-from benchmarks.render import bootstrap_interval, paired_gap
+from benchmarks.render import bootstrap_interval, nll_interval, paired_gap, paired_nll_gap
 
 
 @pytest.fixture
@@ -56,6 +56,7 @@ def test_oneshot_rows_run_cache_statistics_and_render(bench_env):
     assert abs(rku["report"]["sparsity"] - 0.3) < 0.012 and rku["params"] < records["tiny-dense"]["params"]
     assert "calibrate_s" in rku["timings"] and records["tiny-flap-global-30"]["timings"]["calibration"] == "cached"
     assert len(rku["gsm8k_correct"]) == 3 and len(rku["svamp_correct"]) == 2
+    assert [len(v) for v in rku["gsm8k_nll"].values()] == [3] * 4
     assert rku["gsm8k"]["cot_nll"] > 0 and len(rku["data"]["gsm8k_test"]["sha256"]) == 64
     saved = json.loads(common.row_path("oneshot", "tiny-rku-global-30").read_text())
     assert saved["commit"] and saved["command"] and saved["environment"]["threads"] >= 1
@@ -64,6 +65,9 @@ def test_oneshot_rows_run_cache_statistics_and_render(bench_env):
     for method in ("rku", "flap"):
         assert re.search(rf"\| global \| (29|30)\.\d% \| {method} \|", text), method
     assert "| dense |" in text
+    flap = next(line for line in text.splitlines() if "| flap |" in line)
+    assert re.search(r"\| \d+\.\d{3} \[\d+\.\d\d, \d+\.\d\d\] \|", flap), flap  # NLL with its interval
+    assert re.search(r"\| [+-]\d+\.\d\d \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\] \|$", flap), flap  # paired gap to RKU
     assert (bench_env / "results" / "oneshot_sparsity.png").stat().st_size > 1000
 
 
@@ -72,7 +76,8 @@ def test_settings_survive_the_command_line_and_nll_only_rows_skip_generation(ben
     oneshot.add_settings_arguments(parser)
     settings = Settings(generate=False, threads=2, gsm8k_limit=2, calib_samples=2, calib_max_length=700)
     assert oneshot.settings_from(parser.parse_args(oneshot.settings_flags(settings))) == settings
-    assert settings.stage == "oneshot_nll" and Settings().stage == "oneshot"
+    assert settings.stage == "oneshot_nll_q2" and Settings().stage == "oneshot"
+    assert Settings(generate=False).stage == "oneshot_nll" and Settings(gsm8k_limit=200).stage == "oneshot_q200"
     record = run_row(Row("tiny", "magnitude", sparsity=0.3), settings)
     assert record["gsm8k"]["cot_nll"] > 0 and "accuracy" not in record["gsm8k"]
     assert record["gsm8k_correct"] == [] and record["svamp"] == {}
@@ -88,3 +93,16 @@ def test_bootstrap_intervals_cover_the_mean_and_pair_questions():
     assert mean == low == high == 1
     with pytest.raises(ValueError, match="equally long"):
         paired_gap([True], [True, False])
+
+
+def test_nll_intervals_resample_questions_and_pair_them():
+    a = {"cot_nll_sum": [float(10 + i % 7) for i in range(40)], "cot_tokens": [10.0] * 40}
+    low, high = nll_interval(a)
+    pooled = sum(a["cot_nll_sum"]) / sum(a["cot_tokens"])
+    assert low < pooled < high and high - low < 0.5
+    assert paired_nll_gap(a, a) == (0.0, 0.0, 0.0)
+    shifted = {"cot_nll_sum": [v + 5.0 for v in a["cot_nll_sum"]], "cot_tokens": a["cot_tokens"]}
+    mean, low, high = paired_nll_gap(shifted, a)  # a constant per-question shift has no paired noise
+    assert mean == pytest.approx(0.5) and low == pytest.approx(0.5) and high == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="same"):
+        paired_nll_gap(a, {"cot_nll_sum": [1.0], "cot_tokens": [1.0]})

@@ -109,6 +109,22 @@ def test_evaluate_model_tiny_end_to_end(family, tmp_path, shared_data) -> None:
     assert {"prediction", "extracted_answer", "correct", "gold_answer", "generated_tokens"} <= set(result["predictions"][0])
 
 
+def test_per_question_nll_pools_to_the_reported_nll(tmp_path, shared_data) -> None:
+    """The benchmark bootstraps over these sums, so they must add up to the pooled metric."""
+    model, tokenizer = tiny_model("qwen2", seed=2), tiny_tokenizer(tmp_path)
+    problems = load_problems(shared_data / "gsm8k" / "test.jsonl", limit=3).problems
+    result = evaluate_model(model, tokenizer, problems, generate=False, nll_batch_size=2, perplexity=False, progress=False)
+    rows, metrics = result["predictions"], result["metrics"]
+    assert [p["index"] for p in rows] == [0, 1, 2] and metrics["text_ppl"] is None
+    assert sum(p["cot_tokens"] for p in rows) == metrics["cot_tokens"] and all(p["cot_tokens"] > 0 for p in rows)
+    assert sum(p["cot_nll_sum"] for p in rows) / metrics["cot_tokens"] == pytest.approx(metrics["cot_nll"], rel=1e-5)
+    reasoning = sum(p["cot_nll_reasoning_sum"] for p in rows) / sum(p["cot_tokens_reasoning"] for p in rows)
+    assert reasoning == pytest.approx(metrics["cot_nll_reasoning"], rel=1e-5)
+    both = evaluate_model(model, tokenizer, problems, batch_size=3, max_new_tokens=2, progress=False)
+    assert both["metrics"]["cot_nll"] == pytest.approx(metrics["cot_nll"], rel=1e-5)
+    assert all("correct" in p and p["cot_tokens"] > 0 for p in both["predictions"])
+
+
 def test_evaluate_model_svamp_has_no_cot_scores(tmp_path, shared_data) -> None:
     problems = load_problems(shared_data / "svamp" / "test.jsonl", "svamp", limit=2).problems
     result = evaluate_model(tiny_model("llama"), tiny_tokenizer(tmp_path), problems, max_new_tokens=4, progress=False)

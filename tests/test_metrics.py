@@ -16,6 +16,8 @@ from rku_lightning.metrics import (
     classify_tokens,
     reasoning_char_mask,
     reasoning_token_mask,
+    sequence_nll,
+    summarise_nll,
 )
 
 
@@ -144,6 +146,21 @@ def test_cot_nll_matches_cross_entropy_split_by_class() -> None:
     assert result["nll_other"].item() == pytest.approx(per_token[valid & ~is_reasoning].mean().item(), rel=1e-5)
     assert result["tokens"] == valid.sum() == result["tokens_reasoning"] + result["tokens_other"]
     assert result["ppl"].item() == pytest.approx(math.exp(result["nll"].item()), rel=1e-5)
+
+
+def test_sequence_nll_rows_are_per_sequence_sums_that_pool_to_the_metric() -> None:
+    logits, labels, reasoning = _random_batch()
+    rows = sequence_nll(logits, labels, reasoning)
+    assert rows.shape == (labels.shape[0], 4) and rows.dtype == torch.float64
+    for b in range(labels.shape[0]):
+        valid = labels[b, 1:] != -100
+        per_token = F.cross_entropy(logits[b, :-1], labels[b, 1:], reduction="none", ignore_index=-100)
+        assert rows[b, 1] == valid.sum() and rows[b, 3] == (reasoning[b, 1:] & valid).sum()
+        assert rows[b, 0].item() == pytest.approx(per_token[valid].sum().item(), rel=1e-5)
+    metric = ChainOfThoughtNLL()
+    metric.update(logits, labels, reasoning)
+    for key, value in summarise_nll(rows.sum(0)).items():
+        torch.testing.assert_close(value, metric.compute()[key])
 
 
 def test_cot_nll_merge_equals_single_pass() -> None:
