@@ -106,3 +106,22 @@ def test_nll_intervals_resample_questions_and_pair_them():
     assert mean == pytest.approx(0.5) and low == pytest.approx(0.5) and high == pytest.approx(0.5)
     with pytest.raises(ValueError, match="same"):
         paired_nll_gap(a, {"cot_nll_sum": [1.0], "cot_tokens": [1.0]})
+
+
+@pytest.mark.slow
+def test_recover_row_runs_train_py_and_renders_every_round(bench_env, monkeypatch):
+    import benchmarks.recover as recover
+    from test_train_cli import write_config
+
+    monkeypatch.setattr(recover, "CONFIG", str(write_config(bench_env)))
+    monkeypatch.setattr(recover, "WORK", bench_env / "work")
+    monkeypatch.setitem(recover.PRESETS, "tiny", ["--model.generate=false", "--pruning.rounds=1"])
+    record = recover.run_row("magnitude", "tiny", threads=1)
+    rounds = record["report"]["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["sparsity"] == pytest.approx(0.3, abs=0.03)
+    assert all(set(r["metrics"]) == {"val/cot_nll", "val/cot_nll_reasoning", "val/cot_nll_other"} for r in rounds)
+    assert "--pruning.importance=magnitude" in record["train_command"] and record["overrides"][-1] == "--pruning.rounds=1"
+    common.write_row("recover", "tiny-magnitude-tiny", record)
+    text = render.render().read_text()
+    assert "**tiny-magnitude-tiny**" in text and text.count("| 0 | 0.000 | 0.000 |") == 1
+    assert (bench_env / "results" / "recover_nll.png").read_bytes()[:4] == b"\x89PNG"

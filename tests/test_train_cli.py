@@ -134,3 +134,24 @@ def test_bad_configuration_fails_before_compute(tmp_path, capsys, monkeypatch, o
     assert field in str(caught.value) + capsys.readouterr().err
     assert not (tmp_path / "outputs" / "tiny" / "checkpoints").exists()
     assert not (tmp_path / "outputs" / "tiny" / "report.json").exists()
+
+
+@pytest.mark.parametrize("generate", [True, False])
+def test_validation_without_generation_measures_nll_only(tmp_path, generate):
+    """`model.generate: false` is the cheap per-round check: CoT NLL, no answers and so no accuracy."""
+    import lightning as L
+
+    from rku_lightning.datamodule import ReasoningDataModule
+    from rku_lightning.lightning_module import CausalLMPruningModule
+
+    write_config(tmp_path)  # writes the tiny model and data
+    data = tmp_path / "data"
+    module = CausalLMPruningModule(pretrained=str(tmp_path / "tiny"), max_new_tokens=2, generate=generate)
+    datamodule = ReasoningDataModule(
+        train_data=str(data / "gsm8k"), val_data=str(data / "gsm8k"), ood_data=str(data / "svamp"),
+        val_limit=2, ood_limit=2, eval_batch_size=2, max_length=320,
+    )
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    metrics = {key.split("/dataloader_idx")[0] for result in trainer.validate(module, datamodule, verbose=False) for key in result}
+    nll = {"val/cot_nll", "val/cot_nll_reasoning", "val/cot_nll_other"}
+    assert metrics == (nll | {"val/gsm8k_acc", "val/ood_acc"} if generate else nll)

@@ -1,0 +1,86 @@
+"""Prune-and-recover rows: `train.py` (iterative pruning with LoRA recovery), one importance per row.
+
+    python -m benchmarks.run recover --methods rku flap [--preset cpu]
+
+Every row runs ``python train.py --config configs/qwen0.5b-gsm8k.yaml --pruning.importance=METHOD`` in
+its own process: the same config, data, steps and seeds for every method, only the importance differs.
+`--preset cpu` adds overrides that fit a 2-core machine in minutes instead of hours (fewer rounds and
+steps, shorter sequences, CoT NLL validation without generation); they are recorded in the row. The row
+holds the run's report (every round's sparsity, size, metrics and phase times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from .common import ROOT, WORK, is_done, write_row
+
+STAGE = "recover"
+CONFIG = "configs/qwen0.5b-gsm8k.yaml"
+#: Overrides on top of CONFIG; "full" is the config as written (hours on CPU, minutes on a GPU).
+PRESETS: dict[str, list[str]] = {
+    "full": [],
+    "cpu": [
+        "--pruning.rounds=2",
+        "--pruning.recovery_steps=16",
+        "--pruning.calibration_batches=8",
+        "--data.batch_size=2",
+        "--data.max_length=256",
+        "--data.val_limit=32",
+        "--model.generate=false",
+    ],
+}
+
+
+def row_id(method: str, preset: str) -> str:
+    return f"qwen0.5b-{method}-{preset}"
+
+
+def train_command(method: str, preset: str, extra: list[str] = ()) -> list[str]:
+    name = row_id(method, preset)
+    return [
+        sys.executable, "train.py", "--config", CONFIG, f"--pruning.importance={method}",
+        f"--run_name={name}", f"--output_root={WORK / STAGE}", *PRESETS[preset], *extra,
+    ]
+
+
+def run_row(method: str, preset: str, threads: int, extra: list[str] = ()) -> dict:
+    """Run train.py for `method` and return the row record (raises if the run fails)."""
+    command = train_command(method, preset, list(extra))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # torch's intra-op threads in the child
+    started = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, env=env, check=True)
+    report = json.loads((WORK / STAGE / row_id(method, preset) / "report.json").read_text())
+    return {
+        "method": method,
+        "preset": preset,
+        "config": CONFIG,
+        "overrides": PRESETS[preset] + list(extra),
+        "train_command": " ".join(["python", *command[1:]]),
+        "threads": threads,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "report": report,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.recover", description="Run one prune-and-recover row.")
+    parser.add_argument("--method", required=True, help="importance name, e.g. rku or flap")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    args, extra = parser.parse_known_args(argv)
+    rid = row_id(args.method, args.preset)
+    if is_done(STAGE, rid):
+        print(f"{rid}: done already")
+        return
+    path = write_row(STAGE, rid, run_row(args.method, args.preset, args.threads, extra))
+    print(f"{rid}: -> {path}")
+
+
+if __name__ == "__main__":
+    main()
