@@ -31,8 +31,15 @@ from rku_lightning.adapters import SUPPORTED_ARCHITECTURES, get_adapter, unwrap_
 from rku_lightning.compaction import compact
 from rku_lightning.export import save_pruned
 from rku_lightning.importance import IMPORTANCES
-from rku_lightning.lora import LoRASettings, has_lora, inject_lora, lora_parameters, merge_and_reinit_, remove_lora_
-from rku_lightning.lora import reset_optimizer_state_
+from rku_lightning.lora import (
+    LoRASettings,
+    has_lora,
+    inject_lora,
+    lora_parameters,
+    merge_and_reinit_,
+    remove_lora_,
+    reset_optimizer_state_,
+)
 from rku_lightning.objectives import OBJECTIVES
 from rku_lightning.pruner import ALLOCATIONS, ATTENTION_MODES, PruneReport, StructuredPruner
 from rku_lightning.schedules import check_schedule, sparsity_at

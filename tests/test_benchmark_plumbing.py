@@ -110,8 +110,9 @@ def test_nll_intervals_resample_questions_and_pair_them():
 
 @pytest.mark.slow
 def test_recover_row_runs_train_py_and_renders_every_round(bench_env, monkeypatch):
-    import benchmarks.recover as recover
     from test_train_cli import write_config
+
+    import benchmarks.recover as recover
 
     monkeypatch.setattr(recover, "CONFIG", str(write_config(bench_env)))
     monkeypatch.setattr(recover, "WORK", bench_env / "work")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import VOCAB, tiny_batches, tiny_model, tiny_tokenizer
 
 tp = pytest.importorskip("torch_pruning")

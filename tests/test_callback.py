@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from callbacks import RKUProgressBar, RKUPruning
 from rku_lightning import load_pruned
-from rku_lightning.datamodule import RecoveryStream, ReasoningDataModule, stream_position
+from rku_lightning.datamodule import ReasoningDataModule, RecoveryStream, stream_position
 from rku_lightning.lora import has_lora
 from rku_lightning.schedules import sparsity_schedule
 

@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_model, tiny_tokenizer
+
 from rku_lightning import evaluate
 from rku_lightning.data import Problem, load_problems
 from rku_lightning.evaluate import default_data, evaluate_model, main

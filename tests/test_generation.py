@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model, tiny_tokenizer
 from torch.utils.data import DataLoader, DistributedSampler
 
-from conftest import tiny_model, tiny_tokenizer
 from rku_lightning.data import Problem
 from rku_lightning.generation import (
     PromptDataset,

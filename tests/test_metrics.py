@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import VOCAB, tiny_tokenizer
+
 from rku_lightning.metrics import (
     ChainOfThoughtNLL,
     ReasoningAccuracy,
