@@ -32,7 +32,8 @@ STAGE = "oneshot"
 #: Rows without generation (CoT NLL only) live apart, so that a full row never gets mistaken for one.
 NLL_STAGE = "oneshot_nll"
 #: (importance, objective, attention) of every method row; `kinetic` is RKU without the Fisher-trace
-#: normalisation; `query_heads` rows keep every KV group (separates KV-group removal from the scores).
+#: normalisation; `query_heads` rows keep every KV group (separates KV-group removal from the scores);
+#: `none` rows prune MLP channels only (where a method puts its MLP budget, without attention at all).
 METHODS: tuple[tuple[str, str, str], ...] = (
     ("rku", "ce", "groups"),
     ("rku", "hidden", "groups"),
@@ -45,7 +46,12 @@ METHODS: tuple[tuple[str, str, str], ...] = (
     ("rku", "ce", "query_heads"),
     ("kinetic", "ce", "query_heads"),
     ("flap", "ce", "query_heads"),
+    ("rku", "ce", "none"),
+    ("kinetic", "ce", "none"),
+    ("flap", "ce", "none"),
 )
+#: Row-id suffix of each non-default attention mode.
+ATTENTION_SUFFIXES = {"query_heads": "_qheads", "none": "_mlp"}
 
 
 @dataclass(frozen=True)
@@ -80,14 +86,14 @@ class Row:
     objective: str = "ce"
     allocation: str = "global"
     sparsity: float = 0.0
-    attention: str = "groups"  # "query_heads": prune query heads, keep every KV group
+    attention: str = "groups"  # "query_heads": prune query heads, keep every KV group; "none": MLP only
 
     @property
     def method(self) -> str:
         """The importance, with `_hidden` / `_qheads` when the objective / attention mode is not the default."""
         if self.importance is None:
             return "dense"
-        suffixes = ("_hidden" if self.objective == "hidden" else "") + ("_qheads" if self.attention == "query_heads" else "")
+        suffixes = ("_hidden" if self.objective == "hidden" else "") + ATTENTION_SUFFIXES.get(self.attention, "")
         return self.importance + suffixes
 
     @property
@@ -102,8 +108,8 @@ class Row:
         if rest == "dense":
             return cls(model, None)
         method, allocation, percent = rest.rsplit("-", 2)
-        attention = "query_heads" if method.endswith("_qheads") else "groups"
-        method = method.removesuffix("_qheads")
+        attention = next((mode for mode, suffix in ATTENTION_SUFFIXES.items() if method.endswith(suffix)), "groups")
+        method = method.removesuffix(ATTENTION_SUFFIXES.get(attention, ""))
         objective = "hidden" if method.endswith("_hidden") else "ce"
         return cls(model, method.removesuffix("_hidden"), objective, allocation, int(percent) / 100, attention)
 

@@ -31,7 +31,7 @@ from .statistics import CalibrationStatistics
 from .structures import base_param_count, head_param_count, kv_param_count, unit_param_counts
 
 ALLOCATIONS = ("global", "uniform")
-ATTENTION_MODES = ("groups", "query_heads")
+ATTENTION_MODES = ("groups", "query_heads", "none")
 
 
 @dataclass
@@ -122,7 +122,8 @@ class StructuredPruner:
         allocation: `global` (one ranking across layers per structure type) or `uniform`.
         objective: `ce` or `hidden` (gradient methods only).
         attention: `groups` (remove KV groups with their query heads; shrinks the KV cache) or
-            `query_heads` (remove query heads, the same number from every group of a layer).
+            `query_heads` (remove query heads, the same number from every group of a layer) or `none`
+            (MLP channels only: separates where a method puts its MLP budget from what attention costs).
         min_mlp_keep: fraction of each layer's MLP channels that always stays.
         micro_batch_size: split calibration batches to bound activation memory.
         seed: seed of the `random` importance.
@@ -242,20 +243,23 @@ class StructuredPruner:
         if self.attention == "groups":
             kind, alive = "group", groups_alive
             attention_limit = max(0, int(groups_alive.sum()) - 1)
-        else:
+        elif self.attention == "query_heads":
             kind, alive = "head", heads_alive
             per_group = heads_alive.view(view.num_groups, view.heads_per_group).sum(1)
             attention_limit = max(0, int(per_group[groups_alive].min()) - 1) if bool(groups_alive.any()) else 0
+        else:
+            kind, alive, attention_limit = "head", heads_alive, 0
         mlp: list = []
         attention: list = []
         if with_scores:
             mlp_scores = self.importance.layer_scores(view, "mlp", self.stats, mlp_alive).cpu().double()
-            attn_scores = self.importance.layer_scores(view, kind, self.stats, alive).cpu().double()
             mlp = mlp_steps(view.index, mlp_scores, mlp_alive, channel_cost)
-            if self.attention == "groups":
-                attention = group_steps(view.index, attn_scores, groups_alive, view.heads_per_group, group_cost)
-            else:
-                attention = head_slice_steps(view.index, attn_scores, heads_alive, view.heads_per_group, head_cost)
+            if attention_limit > 0:
+                attn_scores = self.importance.layer_scores(view, kind, self.stats, alive).cpu().double()
+                if self.attention == "groups":
+                    attention = group_steps(view.index, attn_scores, groups_alive, view.heads_per_group, group_cost)
+                else:
+                    attention = head_slice_steps(view.index, attn_scores, heads_alive, view.heads_per_group, head_cost)
         return LayerOffer(
             layer=view.index,
             mlp=mlp,

@@ -42,6 +42,7 @@ def test_row_ids_round_trip_and_grid_covers_every_method():
     assert all(Row.parse(r.row_id) == r for r in rows)
     assert Row.parse("qwen0.5b-rku_hidden-uniform-30") == Row("qwen0.5b", "rku", "hidden", "uniform", 0.3)
     assert Row.parse("qwen0.5b-wanda_sp_qheads-global-40") == Row("qwen0.5b", "wanda_sp", "ce", "global", 0.4, "query_heads")
+    assert Row.parse("qwen0.5b-rku_mlp-global-40") == Row("qwen0.5b", "rku", "ce", "global", 0.4, "none")
 
 
 def test_oneshot_rows_run_cache_statistics_and_render(bench_env):

@@ -71,6 +71,15 @@ def test_query_head_mode_keeps_equal_ratio_and_every_group(family):
         assert per_group[0] == per_group[1] >= 1
 
 
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+def test_attention_none_prunes_mlp_channels_only(family, allocation):
+    _, pruner = calibrated(family, allocation=allocation, attention="none")
+    report = pruner.prune(0.35)
+    assert abs(report.sparsity - 0.35) < 0.012
+    assert all(bool((heads > 0).all()) for heads in pruner.gates.heads)
+    assert all(r.heads == r.heads_total and r.mlp_channels < r.mlp_channels_total for r in report.layers)
+
+
 def test_plans_are_deterministic(family):
     masks = []
     for _ in range(2):
