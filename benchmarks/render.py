@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
 from rku_lightning.reporting import markdown_table  # noqa: E402
 
@@ -151,29 +152,50 @@ def oneshot_tables(rows: list[dict]) -> list[str]:
     return out
 
 
-def plot_sparsity_curves(rows: list[dict], path: Path) -> Path | None:
-    pruned = [r for r in rows if r["row"]["importance"] is not None]
+def plot_sparsity_curves(rows: list[dict], model: str, path: Path) -> Path | None:
+    """Per allocation (rows of panels): accuracy, CoT NLL and its reasoning part vs sparsity, every curve
+    starting at the dense model; NLL on a log axis because magnitude-style rows land 10x above the rest."""
+    mine = [r for r in rows if r["row"]["model"] == model]
+    pruned = [r for r in mine if r["row"]["importance"] is not None]
     if not pruned:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    curves: dict[tuple[str, str, str], list[tuple[float, dict]]] = defaultdict(list)
-    for r in pruned:
-        curves[(r["row"]["model"], r["row"]["allocation"], method_name(r))].append((r["row"]["sparsity"], r))
-    for (model, allocation, method), points in sorted(curves.items()):
-        points.sort(key=lambda p: p[0])
-        xs = [p[0] * 100 for p in points]
-        style = dict(marker="o", label=f"{method} ({model}, {allocation})", linewidth=2.5 if method.startswith("rku") else 1.2)
-        accuracy = [sum(p[1]["gsm8k_correct"]) / len(p[1]["gsm8k_correct"]) if p[1]["gsm8k_correct"] else None for p in points]
-        axes[0].plot(xs, accuracy, **style)
-        axes[1].plot(xs, [p[1]["gsm8k"].get("cot_nll_reasoning") for p in points], **style)
-        axes[2].plot(xs, [p[1]["gsm8k"].get("cot_nll_other") for p in points], **style)
-    for ax, title in zip(axes, ["GSM8K accuracy", "CoT NLL, reasoning tokens", "CoT NLL, other tokens"]):
-        ax.set_title(title)
-        ax.set_xlabel("decoder sparsity (%)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    dense = [r for r in mine if r["row"]["importance"] is None]
+    allocations = sorted({r["row"]["allocation"] for r in pruned})
+    fig, axes = plt.subplots(len(allocations), 3, figsize=(15, 4.2 * len(allocations)), squeeze=False, sharex=True)
+    panels = (
+        ("GSM8K accuracy", lambda r: sum(r["gsm8k_correct"]) / len(r["gsm8k_correct"]) if r["gsm8k_correct"] else None),
+        ("CoT NLL (log)", lambda r: r["gsm8k"].get("cot_nll")),
+        ("CoT NLL, reasoning tokens (log)", lambda r: r["gsm8k"].get("cot_nll_reasoning")),
+    )
+    palette = plt.get_cmap("tab20").colors
+    colours = {m: palette[i % len(palette)] for i, m in enumerate(sorted({method_name(r) for r in pruned}))}
+    for axes_row, allocation in zip(axes, allocations):
+        curves: dict[str, list[dict]] = defaultdict(list)
+        for r in pruned:
+            if r["row"]["allocation"] == allocation:
+                curves[method_name(r)].append(r)
+        for method, points in sorted(curves.items()):
+            points = dense[:1] + sorted(points, key=lambda r: r["row"]["sparsity"])
+            xs = [r["row"]["sparsity"] * 100 for r in points]
+            style = dict(marker="o", label=method, color=colours[method], linewidth=2.5 if method.startswith("rku") else 1.2)
+            for ax, (_, value) in zip(axes_row, panels):
+                measured = [(x, value(r)) for x, r in zip(xs, points) if value(r) is not None]
+                if measured:
+                    ax.plot(*zip(*measured), **style)
+        for i, (ax, (title, _)) in enumerate(zip(axes_row, panels)):
+            ax.set_title(f"{title}, {allocation}")
+            ax.set_xlabel("decoder sparsity (%)")
+            ax.set_xlim(-2, 42)
+            ax.grid(alpha=0.3, which="both")
+            if i:
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(ScalarFormatter())
+                ax.yaxis.set_minor_formatter(ScalarFormatter())
+        axes_row[0].set_ylim(-0.01, max(0.2, axes_row[0].get_ylim()[1]))
+        axes_row[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{model}: one-shot pruning, no recovery")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -304,9 +326,11 @@ def render() -> Path:
              "every number below is read from a row JSON there (with its command, commit, data hashes and timings).", ""]
     if rows:
         lines += ["## One-shot quality", ""] + oneshot_tables(rows)
-        curve = plot_sparsity_curves(rows, RESULTS / "oneshot_sparsity.png")
+        models = sorted({r["row"]["model"] for r in rows})
+        curves = [plot_sparsity_curves(rows, m, RESULTS / f"oneshot_sparsity_{m}.png") for m in models]
         profile = plot_layer_profile(rows, RESULTS / "oneshot_layer_profile.png")
-        lines += [f"![{alt}](results/{p.name})" for alt, p in (("accuracy and CoT NLL vs sparsity", curve), ("kept fraction per layer", profile)) if p]
+        figures = [("accuracy and CoT NLL vs sparsity", c) for c in curves] + [("kept fraction per layer", profile)]
+        lines += [f"![{alt}](results/{p.name})" for alt, p in figures if p]
         lines.append("")
     for row in load_rows("diagnostics"):
         lines += diagnostics_section(row)
