@@ -74,9 +74,14 @@ class Settings:
 
     @property
     def stage(self) -> str:
-        """Where the row lives: NLL-only rows apart, and a non-default question count in its own folder."""
+        """Where the row lives: NLL-only rows apart, a non-default question count or calibration size in
+        its own folder, so that rows measured differently never share a table."""
         base = STAGE if self.generate else NLL_STAGE
-        return base if self.gsm8k_limit == Settings.gsm8k_limit else f"{base}_q{self.gsm8k_limit}"
+        if self.gsm8k_limit != Settings.gsm8k_limit:
+            base += f"_q{self.gsm8k_limit}"
+        if self.calib_samples != Settings.calib_samples:
+            base += f"_c{self.calib_samples}"
+        return base
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ paired bootstrap on the same questions, so a reader can tell a real gap from noi
 from __future__ import annotations
 
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -102,17 +102,29 @@ def _gaps(row: dict, reference: dict | None) -> tuple[str, str]:
     return acc, nll
 
 
+def _measured_on(row: dict) -> tuple[int, int]:
+    """What must match for two rows to share a table: GSM8K question count and calibration size."""
+    return row["settings"]["gsm8k_limit"], row["settings"]["calib_samples"]
+
+
+def _main_calibration(rows: list[dict], model: str) -> list[dict]:
+    """`model`'s rows measured with its most used calibration size."""
+    mine = [r for r in rows if r["row"]["model"] == model]
+    size = Counter(r["settings"]["calib_samples"] for r in mine).most_common(1)[0][0]
+    return [r for r in mine if r["settings"]["calib_samples"] == size]
+
+
 def oneshot_tables(rows: list[dict]) -> list[str]:
     """One table per model and question count; gaps are the row minus RKU on the same questions."""
     out: list[str] = []
-    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    groups: dict[tuple[str, int, int], list[dict]] = defaultdict(list)
     for row in rows:
-        groups[(row["row"]["model"], row["settings"]["gsm8k_limit"])].append(row)
-    for (model, limit), group in sorted(groups.items()):
+        groups[(row["row"]["model"], *_measured_on(row))].append(row)
+    for (model, limit, calibration), group in sorted(groups.items()):
         dense = next((r for r in group if r["row"]["importance"] is None), None)
         settings = group[0]["settings"]
         out += [
-            f"### {model}: one-shot pruning, no recovery, first {limit} GSM8K test questions",
+            f"### {model}: one-shot pruning, no recovery, first {limit} GSM8K test questions, {calibration} calibration problems",
             "",
             f"GSM8K: first {limit} test questions, greedy, max {settings['max_new_tokens']} new tokens; "
             f"SVAMP: first {settings['svamp_limit']}; calibration: {settings['calib_samples']} GSM8K-train problems "
@@ -249,10 +261,10 @@ def diagnostics_section(row: dict) -> list[str]:
 def oneshot_rows() -> list[dict]:
     """One row per (row id, question count): the full row, with CoT NLL from its NLL-only twin if it lacks
     per-question NLL, or the NLL-only row where no full row exists (NLL is the same teacher-forced pass)."""
-    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    groups: dict[tuple[str, int, int], list[dict]] = defaultdict(list)
     for folder in sorted(p for p in RESULTS.glob("oneshot*") if p.is_dir()):
         for row in load_rows(folder.name):
-            groups[(row["row_id"], row["settings"]["gsm8k_limit"])].append(row)
+            groups[(row["row_id"], *_measured_on(row))].append(row)
     merged = []
     for group in groups.values():
         full = [r for r in group if r["settings"].get("generate", True)]
@@ -326,8 +338,9 @@ def render() -> Path:
              "every number below is read from a row JSON there (with its command, commit, data hashes and timings).", ""]
     if rows:
         lines += ["## One-shot quality", ""] + oneshot_tables(rows)
+        # Curves use each model's main calibration size; other sizes are investigation rows in the tables.
         models = sorted({r["row"]["model"] for r in rows})
-        curves = [plot_sparsity_curves(rows, m, RESULTS / f"oneshot_sparsity_{m}.png") for m in models]
+        curves = [plot_sparsity_curves(_main_calibration(rows, m), m, RESULTS / f"oneshot_sparsity_{m}.png") for m in models]
         profile = plot_layer_profile(rows, RESULTS / "oneshot_layer_profile.png")
         figures = [("accuracy and CoT NLL vs sparsity", c) for c in curves] + [("kept fraction per layer", profile)]
         lines += [f"![{alt}](results/{p.name})" for alt, p in figures if p]

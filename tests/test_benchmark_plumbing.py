@@ -77,8 +77,9 @@ def test_settings_survive_the_command_line_and_nll_only_rows_skip_generation(ben
     oneshot.add_settings_arguments(parser)
     settings = Settings(generate=False, threads=2, gsm8k_limit=2, calib_samples=2, calib_max_length=700)
     assert oneshot.settings_from(parser.parse_args(oneshot.settings_flags(settings))) == settings
-    assert settings.stage == "oneshot_nll_q2" and Settings().stage == "oneshot"
+    assert settings.stage == "oneshot_nll_q2_c2" and Settings().stage == "oneshot"
     assert Settings(generate=False).stage == "oneshot_nll" and Settings(gsm8k_limit=200).stage == "oneshot_q200"
+    assert Settings(calib_samples=64, generate=False).stage == "oneshot_nll_c64"
     record = run_row(Row("tiny", "magnitude", sparsity=0.3), settings)
     assert record["gsm8k"]["cot_nll"] > 0 and "accuracy" not in record["gsm8k"]
     assert record["gsm8k_correct"] == [] and record["svamp"] == {}
