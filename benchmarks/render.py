@@ -278,19 +278,22 @@ def oneshot_rows() -> list[dict]:
 
 
 def peer_section(rows: list[dict]) -> list[str]:
-    """Torch-Pruning rows beside the engine's closest configurations, evaluated by the same code."""
+    """Torch-Pruning rows, evaluated by the same code; how each differs from the engine is listed once."""
     lines = [
         "## Peer: Torch-Pruning, same model and parameter count",
         "",
-        "| row | sparsity | GSM8K acc | CoT NLL | SVAMP acc | params | how it differs from the engine |",
-        "|---|---|---|---|---|---|---|",
+        "| row | sparsity | GSM8K acc | CoT NLL | NLL reasoning | NLL other | SVAMP acc | params |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        g = r["gsm8k"]
         lines.append(
             f"| {r['row_id']} | {r['achieved_sparsity']:.1%} | {_acc(r['gsm8k_correct'])} | {_nll(r)} "
-            f"| {_acc(r['svamp_correct'])} | {r['params']:,} | {r.get('differences_from_engine', '')} |"
+            f"| {_fmt(g.get('cot_nll_reasoning'))} | {_fmt(g.get('cot_nll_other'))} | {_acc(r['svamp_correct'])} | {r['params']:,} |"
         )
-    return lines + [""]
+    differences = dict.fromkeys(d for r in rows for d in r.get("differences_from_engine", []))
+    lines += ["", "How these rows differ from the engine's (recorded in each row as `differences_from_engine`):", ""]
+    return lines + [f"- {d}" for d in differences] + [""]
 
 
 def efficiency_section(rows: list[dict]) -> list[str]:
