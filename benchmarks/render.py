@@ -20,6 +20,7 @@ from matplotlib.ticker import ScalarFormatter  # noqa: E402
 from rku_lightning.reporting import markdown_table  # noqa: E402
 
 from .common import RESULTS, ROOT, load_rows  # noqa: E402
+from .oneshot import ATTENTION_SUFFIXES  # noqa: E402
 
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 BOOTSTRAP = 2000
@@ -130,7 +131,7 @@ def oneshot_tables(rows: list[dict]) -> list[str]:
             f"SVAMP: first {settings['svamp_limit']}; calibration: {settings['calib_samples']} GSM8K-train problems "
             f"(seed {settings['seed']}), ≤ {settings['calib_max_length']} tokens each. Brackets: 95 % bootstrap interval "
             "over questions (NLL: whole questions resampled, token-weighted); the last two columns are the row minus RKU "
-            "at the same allocation and sparsity, paired on the same questions (an interval that excludes 0 is a real gap; "
+            "(with the same attention mode) at the same allocation and sparsity, paired on the same questions (an interval that excludes 0 is a real gap; "
             "negative NLL = better than RKU). — : not measured (rows run with `--no-generate` measure CoT NLL only).",
             "",
             "| allocation | sparsity | method | GSM8K acc | CoT NLL | NLL reasoning | NLL other | SVAMP acc | params "
@@ -147,8 +148,10 @@ def oneshot_tables(rows: list[dict]) -> list[str]:
             )
         key = lambda r: (r["row"]["allocation"], r["row"]["sparsity"], r["gsm8k"].get("cot_nll") or 1e9)  # noqa: E731
         for row in sorted(pruned, key=key):
+            # The reference is RKU with the same attention mode (rku_mlp for kinetic_mlp, ...).
+            reference = "rku" + ATTENTION_SUFFIXES.get(row["row"].get("attention", "groups"), "")
             rku = next(
-                (r for r in pruned if method_name(r) == "rku" and r["row"]["allocation"] == row["row"]["allocation"]
+                (r for r in pruned if method_name(r) == reference and r["row"]["allocation"] == row["row"]["allocation"]
                  and r["row"]["sparsity"] == row["row"]["sparsity"]),
                 None,
             )
