@@ -6,7 +6,9 @@ Every row runs ``python train.py --config configs/qwen0.5b-gsm8k.yaml --pruning.
 its own process: the same config, data, steps and seeds for every method, only the importance differs.
 `--preset cpu` adds overrides that fit a 2-core machine in minutes instead of hours (fewer rounds and
 steps, shorter sequences, CoT NLL validation without generation); they are recorded in the row. The row
-holds the run's report (every round's sparsity, size, metrics and phase times).
+holds the run's report (every round's sparsity, size, metrics and phase times) and, for comparison
+with the one-shot rows, the exported model's CoT NLL on the same 32 GSM8K test questions with
+per-question sums (bootstrap intervals, paired gaps between methods).
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ import subprocess
 import sys
 import time
 
-from .common import ROOT, WORK, is_done, write_row
+import torch
+
+from rku_lightning.data import load_problems
+from rku_lightning.evaluate import NLL_KEYS, evaluate_model
+from rku_lightning.export import load_pruned
+from rku_lightning.files import write_text_atomic
+
+from .common import DATA, ROOT, WORK, is_done, row_path, write_row
 
 STAGE = "recover"
 CONFIG = "configs/qwen0.5b-gsm8k.yaml"
@@ -49,6 +58,20 @@ def train_command(method: str, preset: str, extra: list[str] = ()) -> list[str]:
     ]
 
 
+def final_scores(method: str, preset: str, threads: int, limit: int = 32) -> dict:
+    """CoT NLL of the exported (compacted, LoRA-merged) model, scored like the one-shot rows."""
+    torch.set_num_threads(threads)
+    model, tokenizer = load_pruned(WORK / STAGE / row_id(method, preset) / "model")
+    problems = load_problems(DATA / "gsm8k" / "test.jsonl", task="gsm8k", limit=limit)
+    result = evaluate_model(model, tokenizer, problems, generate=False, nll_batch_size=2, perplexity=False, progress=False)
+    return {
+        "gsm8k_limit": limit,
+        "gsm8k": result["metrics"],
+        "gsm8k_nll": {key: [p[key] for p in result["predictions"]] for key in NLL_KEYS},
+        "gsm8k_indices": [p.index for p in problems],
+    }
+
+
 def run_row(method: str, preset: str, threads: int, extra: list[str] = ()) -> dict:
     """Run train.py for `method` and return the row record (raises if the run fails)."""
     command = train_command(method, preset, list(extra))
@@ -65,6 +88,7 @@ def run_row(method: str, preset: str, threads: int, extra: list[str] = ()) -> di
         "threads": threads,
         "wall_s": round(time.perf_counter() - started, 1),
         "report": report,
+        "final": final_scores(method, preset, threads),
     }
 
 
@@ -73,8 +97,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--method", required=True, help="importance name, e.g. rku or flap")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--final-only", action="store_true", help="add the final scoring to an existing row")
     args, extra = parser.parse_known_args(argv)
     rid = row_id(args.method, args.preset)
+    if args.final_only:
+        record = json.loads(row_path(STAGE, rid).read_text())
+        record["final"] = final_scores(args.method, args.preset, args.threads)
+        print(f"{rid}: final CoT NLL {record['final']['gsm8k']['cot_nll']:.3f} -> {row_path(STAGE, rid)}")
+        write_text_atomic(row_path(STAGE, rid), json.dumps(record, indent=2))
+        return
     if is_done(STAGE, rid):
         print(f"{rid}: done already")
         return

@@ -328,6 +328,27 @@ def recover_section(rows: list[dict], plot_path: Path) -> list[str]:
         points = [(x["sparsity"], x["metrics"]["val/cot_nll"]) for x in records if "val/cot_nll" in x.get("metrics", {})]
         if points:
             ax.plot(*zip(*points), marker="o", label=r["row_id"], linewidth=2.5 if r["method"] == "rku" else 1.2)
+    scored = [r for r in rows if "final" in r]
+    if scored:
+        rku = next((r for r in scored if r["method"] == "rku"), None)
+        lines += [
+            f"Exported models scored like the one-shot rows (CoT NLL of the first {scored[0]['final']['gsm8k_limit']} "
+            "GSM8K test questions, intervals over questions, gap paired with the RKU run):",
+            "",
+            "| row | sparsity | params | CoT NLL | NLL reasoning | NLL other | NLL − RKU |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in scored:
+            final, last = r["final"], r["report"]["rounds"][-1]
+            gap = ""
+            if rku is not None and rku is not r:
+                mean, low, high = paired_nll_gap(final["gsm8k_nll"], rku["final"]["gsm8k_nll"])
+                gap = f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+            lines.append(
+                f"| {r['row_id']} | {last['sparsity']:.1%} | {last['params']:,} | {_nll(final)} "
+                f"| {_fmt(final['gsm8k'].get('cot_nll_reasoning'))} | {_fmt(final['gsm8k'].get('cot_nll_other'))} | {gap} |"
+            )
+        lines.append("")
     ax.set_xlabel("decoder sparsity after the round's recovery")
     ax.set_ylabel("CoT NLL (nats/token)")
     ax.grid(alpha=0.3)

@@ -124,7 +124,10 @@ def test_recover_row_runs_train_py_and_renders_every_round(bench_env, monkeypatc
     assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["sparsity"] == pytest.approx(0.3, abs=0.03)
     assert all(set(r["metrics"]) == {"val/cot_nll", "val/cot_nll_reasoning", "val/cot_nll_other"} for r in rounds)
     assert "--pruning.importance=magnitude" in record["train_command"] and record["overrides"][-1] == "--pruning.rounds=1"
+    final = record["final"]  # the exported model, scored like the one-shot rows
+    assert final["gsm8k"]["cot_nll"] > 0 and len(final["gsm8k_nll"]["cot_tokens"]) == len(final["gsm8k_indices"]) == 32
     common.write_row("recover", "tiny-magnitude-tiny", record)
     text = render.render().read_text()
     assert "**tiny-magnitude-tiny**" in text and text.count("| 0 | 0.000 | 0.000 |") == 1
+    assert re.search(r"\| tiny-magnitude-tiny \| (29|30)\.\d% \| [\d,]+ \| \d+\.\d{3} \[", text)
     assert (bench_env / "results" / "recover_nll.png").read_bytes()[:4] == b"\x89PNG"
