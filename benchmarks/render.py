@@ -319,7 +319,7 @@ def recover_section(rows: list[dict], plot_path: Path) -> list[str]:
     for r in rows:
         records = r["report"]["rounds"]
         lines += [
-            f"**{r['row_id']}**: `{r['train_command']}` ({r['threads']} threads, {r['wall_s'] / 60:.0f} min, "
+            f"**{r['row_id']}**: `{r['train_command']}` (threads: {r['threads']}, {r['wall_s'] / 60:.0f} min, "
             f"commit {r['commit'][:7]})",
             "",
             markdown_table(records),
