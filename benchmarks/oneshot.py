@@ -23,7 +23,7 @@ import torch
 from rku_lightning import StructuredPruner, compact, load_causal_lm
 from rku_lightning.calibration import calibration_batches
 from rku_lightning.data import load_problems
-from rku_lightning.evaluate import NLL_KEYS, evaluate_model
+from rku_lightning.evaluate import evaluate_model, nll_columns
 from rku_lightning.files import sha256_file
 
 from .common import DATA, MODELS, WORK, is_done, write_row
@@ -214,7 +214,7 @@ def run_row(row: Row, settings: Settings) -> dict:
         "gsm8k_correct": [p["correct"] for p in g["predictions"]] if settings.generate else [],
         "svamp_correct": [p["correct"] for p in s["predictions"]],
         # Per-question CoT NLL sums (aligned with gsm8k_indices), for bootstrap intervals on the NLL.
-        "gsm8k_nll": {key: [p[key] for p in g["predictions"]] for key in NLL_KEYS},
+        "gsm8k_nll": nll_columns(g["predictions"]),
         "gsm8k_indices": [p.index for p in gsm8k],
         "svamp_indices": [p.index for p in svamp] if settings.generate else [],
         "data": {

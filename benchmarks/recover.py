@@ -23,7 +23,7 @@ import time
 import torch
 
 from rku_lightning.data import load_problems
-from rku_lightning.evaluate import NLL_KEYS, evaluate_model
+from rku_lightning.evaluate import evaluate_model, nll_columns
 from rku_lightning.export import load_pruned
 from rku_lightning.files import write_text_atomic
 
@@ -67,7 +67,7 @@ def final_scores(method: str, preset: str, threads: int, limit: int = 32) -> dic
     return {
         "gsm8k_limit": limit,
         "gsm8k": result["metrics"],
-        "gsm8k_nll": {key: [p[key] for p in result["predictions"]] for key in NLL_KEYS},
+        "gsm8k_nll": nll_columns(result["predictions"]),
         "gsm8k_indices": [p.index for p in problems],
     }
 

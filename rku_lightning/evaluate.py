@@ -97,6 +97,11 @@ def score_solutions(
     return scores, per_question
 
 
+def nll_columns(predictions: Sequence[dict]) -> dict[str, list[float]]:
+    """The per-question CoT NLL sums of scored predictions as columns (what benchmarks bootstrap over)."""
+    return {key: [p[key] for p in predictions] for key in NLL_KEYS}
+
+
 def evaluate_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
