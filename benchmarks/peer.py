@@ -36,12 +36,14 @@ from torch import nn
 from rku_lightning import StructuredPruner, load_causal_lm
 from rku_lightning.calibration import calibration_batches
 from rku_lightning.data import load_problems
-from rku_lightning.evaluate import evaluate_model
+from rku_lightning.evaluate import evaluate_model, nll_columns
 from rku_lightning.files import sha256_file
 
 from .common import DATA, MODELS, is_done, write_row
 
 STAGE = "peer"
+#: NLL-only rows (`--no-generate`): per-question CoT NLL in minutes, paired with the one-shot rows.
+NLL_STAGE = "peer_nll"
 IMPORTANCES = ("magnitude", "taylor")
 #: Why the attention projections cannot be handed to BasePruner (reproduced in tests on a tiny model).
 ATTENTION_LIMITATION = (
@@ -317,11 +319,16 @@ def run_row(model_key: str, sparsity: float, importance: str, args: argparse.Nam
     gsm8k = load_problems(gsm8k_path, task="gsm8k", limit=args.limit)
     svamp = load_problems(svamp_path, task="svamp", limit=args.svamp_limit)
     started = time.perf_counter()
-    g = evaluate_model(model, tokenizer, gsm8k, args.batch_size, args.max_new_tokens)
+    # Scored like the one-shot rows (pairs of sequences, no plain-text pass) so their NLL columns pair up.
+    g = evaluate_model(
+        model, tokenizer, gsm8k, args.batch_size, args.max_new_tokens, generate=args.generate, nll_batch_size=2, perplexity=False
+    )
     timings["gsm8k_s"] = round(time.perf_counter() - started, 1)
-    started = time.perf_counter()
-    s = evaluate_model(model, tokenizer, svamp, args.batch_size, args.max_new_tokens, nll=False)
-    timings["svamp_s"] = round(time.perf_counter() - started, 1)
+    s: dict = {"metrics": {}, "predictions": []}
+    if args.generate:
+        started = time.perf_counter()
+        s = evaluate_model(model, tokenizer, svamp, args.batch_size, args.max_new_tokens, nll=False)
+        timings["svamp_s"] = round(time.perf_counter() - started, 1)
     data = {
         "gsm8k_test": {"path": str(gsm8k_path), "sha256": sha256_file(gsm8k_path)},
         "svamp_test": {"path": str(svamp_path), "sha256": sha256_file(svamp_path)},
@@ -332,7 +339,7 @@ def run_row(model_key: str, sparsity: float, importance: str, args: argparse.Nam
         "model": model_key,
         "model_source": MODELS[model_key],
         "sparsity": sparsity,
-        "settings": {k: getattr(args, k) for k in ("limit", "svamp_limit", "max_new_tokens", "batch_size", "calib_samples", "calib_max_length", "seed")},
+        "settings": {k: getattr(args, k) for k in ("limit", "svamp_limit", "max_new_tokens", "batch_size", "calib_samples", "calib_max_length", "seed", "generate")},
         "engine_target": target,
         "torch_pruning": info,
         "achieved_sparsity": 1 - info["achieved_decoder_params"] / target["decoder_params_before"],
@@ -340,8 +347,10 @@ def run_row(model_key: str, sparsity: float, importance: str, args: argparse.Nam
         "differences_from_engine": DIFFERENCES,
         "gsm8k": g["metrics"],
         "svamp": s["metrics"],
-        "gsm8k_correct": [p["correct"] for p in g["predictions"]],
+        "gsm8k_correct": [p["correct"] for p in g["predictions"]] if args.generate else [],
         "svamp_correct": [p["correct"] for p in s["predictions"]],
+        "gsm8k_nll": nll_columns(g["predictions"]),
+        "gsm8k_indices": [p.index for p in gsm8k],
         "data": data,
         "timings": {**timings, **info["timings"]},
         "predictions": {"gsm8k": g["predictions"], "svamp": s["predictions"]},
@@ -365,15 +374,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib-max-length", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--generate", action=argparse.BooleanOptionalAction, default=True,
+                        help="--no-generate: CoT NLL only (minutes instead of most of an hour on 2 CPU cores)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rid = row_id(args.model, args.importance, args.sparsity)
-    if is_done(STAGE, rid):
+    stage = STAGE if args.generate else NLL_STAGE
+    if is_done(stage, rid):
         print(f"{rid}: done already")
         return
     record = run_row(args.model, args.sparsity, args.importance, args)
     predictions = record.pop("predictions")
-    path = write_row(STAGE, rid, record)
+    path = write_row(stage, rid, record)
     lines = [json.dumps({"set": name, **p}) for name, rows in predictions.items() for p in rows]
     path.with_suffix(".predictions.jsonl").write_text("\n".join(lines) + "\n")
     print(f"{rid}: params {record['torch_pruning']['achieved_decoder_params']} (target {record['engine_target']['decoder_params_after']}) "

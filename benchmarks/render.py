@@ -261,38 +261,63 @@ def diagnostics_section(row: dict) -> list[str]:
     return lines + [""]
 
 
+def merge_nll_twins(group: list[dict]) -> dict:
+    """One measurement of a row from its copies: the row run with generation, with CoT NLL from its NLL-only
+    twin if it lacks per-question NLL, or the NLL-only row where no full row exists (NLL is the same
+    teacher-forced pass either way)."""
+    full = [r for r in group if r["settings"].get("generate", True)]
+    nll = [r for r in group if not r["settings"].get("generate", True) and "gsm8k_nll" in r]
+    row = dict(full[0] if full else group[0])
+    if "gsm8k_nll" not in row and nll:
+        cot = {k: v for k, v in nll[0]["gsm8k"].items() if k.startswith("cot_")}
+        row.update(gsm8k={**row["gsm8k"], **cot}, gsm8k_nll=nll[0]["gsm8k_nll"])
+    return row
+
+
 def oneshot_rows() -> list[dict]:
-    """One row per (row id, question count): the full row, with CoT NLL from its NLL-only twin if it lacks
-    per-question NLL, or the NLL-only row where no full row exists (NLL is the same teacher-forced pass)."""
+    """One row per (row id, question count, calibration size), merged over the oneshot* folders."""
     groups: dict[tuple[str, int, int], list[dict]] = defaultdict(list)
     for folder in sorted(p for p in RESULTS.glob("oneshot*") if p.is_dir()):
         for row in load_rows(folder.name):
             groups[(row["row_id"], *_measured_on(row))].append(row)
-    merged = []
-    for group in groups.values():
-        full = [r for r in group if r["settings"].get("generate", True)]
-        nll = [r for r in group if not r["settings"].get("generate", True) and "gsm8k_nll" in r]
-        row = dict(full[0] if full else group[0])
-        if "gsm8k_nll" not in row and nll:
-            cot = {k: v for k, v in nll[0]["gsm8k"].items() if k.startswith("cot_")}
-            row.update(gsm8k={**row["gsm8k"], **cot}, gsm8k_nll=nll[0]["gsm8k_nll"])
-        merged.append(row)
-    return merged
+    return [merge_nll_twins(group) for group in groups.values()]
 
 
-def peer_section(rows: list[dict]) -> list[str]:
-    """Torch-Pruning rows, evaluated by the same code; how each differs from the engine is listed once."""
+def peer_rows() -> list[dict]:
+    """One row per (peer row id, question count), merged over `peer` and its NLL-only twin `peer_nll`."""
+    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for row in load_rows("peer") + load_rows("peer_nll"):
+        groups[(row["row_id"], row["settings"]["limit"])].append(row)
+    return [merge_nll_twins(group) for _, group in sorted(groups.items())]
+
+
+def peer_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
+    """Torch-Pruning rows, evaluated by the same code; how each differs from the engine is listed once.
+
+    The paired gap is against the engine's RKU on Torch-Pruning's structures (`rku_qheads`, uniform
+    allocation, same sparsity and questions): the comparison where only the scores differ.
+    """
     lines = [
         "## Peer: Torch-Pruning, same model and parameter count",
         "",
-        "| row | sparsity | GSM8K acc | CoT NLL | NLL reasoning | NLL other | SVAMP acc | params |",
-        "|---|---|---|---|---|---|---|---|",
+        "Last column: row minus the engine's `rku_qheads` at uniform allocation (query heads, the same number per "
+        "layer: Torch-Pruning's structures), paired on the same questions (negative = better than RKU).",
+        "",
+        "| row | sparsity | GSM8K acc | CoT NLL | NLL reasoning | NLL other | SVAMP acc | params | NLL − RKU (same structures) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         g = r["gsm8k"]
+        model = r["row_id"].split("-")[0]
+        rku = next(
+            (o for o in oneshot if o["row"]["model"] == model and method_name(o) == "rku_qheads" and o["row"]["allocation"] == "uniform"
+             and round(o["row"]["sparsity"], 2) == round(r["sparsity"], 2) and o["settings"]["gsm8k_limit"] == r["settings"]["limit"]),
+            None,
+        )
         lines.append(
             f"| {r['row_id']} | {r['achieved_sparsity']:.1%} | {_acc(r['gsm8k_correct'])} | {_nll(r)} "
-            f"| {_fmt(g.get('cot_nll_reasoning'))} | {_fmt(g.get('cot_nll_other'))} | {_acc(r['svamp_correct'])} | {r['params']:,} |"
+            f"| {_fmt(g.get('cot_nll_reasoning'))} | {_fmt(g.get('cot_nll_other'))} | {_acc(r['svamp_correct'])} | {r['params']:,} "
+            f"| {_gaps(r, rku)[1]} |"
         )
     differences = dict.fromkeys(d for r in rows for d in r.get("differences_from_engine", []))
     lines += ["", "How these rows differ from the engine's (recorded in each row as `differences_from_engine`):", ""]
@@ -374,8 +399,8 @@ def render() -> Path:
         lines.append("")
     for row in load_rows("diagnostics"):
         lines += diagnostics_section(row)
-    if peer := load_rows("peer"):
-        lines += peer_section(peer)
+    if peer := peer_rows():
+        lines += peer_section(peer, rows)
     if recover := load_rows("recover"):
         lines += recover_section(recover, RESULTS / "recover_nll.png")
     if efficiency := load_rows("efficiency"):

@@ -91,3 +91,21 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder {SHARED_DATA} is missing")
     return SHARED_DATA
+
+
+@pytest.fixture
+def bench_env(tmp_path, monkeypatch, shared_data) -> Path:
+    """Benchmark rows on a saved tiny Qwen2 model (`tiny`), with results and scratch in `tmp_path`."""
+    import benchmarks.common as common
+    import benchmarks.oneshot as oneshot
+    import benchmarks.render as render
+
+    folder = tmp_path / "tiny"
+    tiny_model("qwen2", max_position_embeddings=1024).save_pretrained(folder)
+    tiny_tokenizer(tmp_path).save_pretrained(folder)
+    monkeypatch.setitem(common.MODELS, "tiny", str(folder))
+    monkeypatch.setattr(oneshot, "WORK", tmp_path / "work")
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(render, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(render, "RESULTS_MD", tmp_path / "RESULTS.md")
+    return tmp_path

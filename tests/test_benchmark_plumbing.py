@@ -7,26 +7,12 @@ import json
 import re
 
 import pytest
-from conftest import tiny_model, tiny_tokenizer
 
 import benchmarks.common as common
 import benchmarks.oneshot as oneshot
 import benchmarks.render as render
 from benchmarks.oneshot import Row, Settings, grid, run_row
 from benchmarks.render import bootstrap_interval, nll_interval, paired_gap, paired_nll_gap
-
-
-@pytest.fixture
-def bench_env(tmp_path, monkeypatch, shared_data):
-    folder = tmp_path / "tiny"
-    tiny_model("qwen2", max_position_embeddings=1024).save_pretrained(folder)
-    tiny_tokenizer(tmp_path).save_pretrained(folder)
-    monkeypatch.setitem(common.MODELS, "tiny", str(folder))
-    monkeypatch.setattr(oneshot, "WORK", tmp_path / "work")
-    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
-    monkeypatch.setattr(render, "RESULTS", tmp_path / "results")
-    monkeypatch.setattr(render, "RESULTS_MD", tmp_path / "RESULTS.md")
-    return tmp_path
 
 
 def test_methods_choose_and_order_the_rows():

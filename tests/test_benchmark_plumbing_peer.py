@@ -44,6 +44,27 @@ def test_peer_taylor_needs_batches():
         peer.prune_with_torch_pruning(tiny_model("qwen2"), "taylor", 10_000, torch.randint(3, VOCAB, (1, 8)))
 
 
+def test_nll_only_peer_row_pairs_with_rku_on_the_same_structures(bench_env):
+    import json
+    import re
+
+    from benchmarks import render
+    from benchmarks.oneshot import Row, Settings, run_row
+
+    settings = Settings(generate=False, gsm8k_limit=3, calib_samples=2, calib_max_length=700)
+    record = run_row(Row("tiny", "rku", allocation="uniform", sparsity=0.4, attention="query_heads"), settings)
+    record.pop("predictions")
+    common.write_row(settings.stage, "tiny-rku_qheads-uniform-40", record)
+    flags = ["--model=tiny", "--importance=magnitude", "--limit=3", "--calib-samples=2", "--threads=1", "--no-generate"]
+    peer.main(flags)
+    saved = json.loads(common.row_path(peer.NLL_STAGE, "tiny-tp_magnitude-40").read_text())
+    assert saved["gsm8k_correct"] == [] and saved["svamp"] == {} and not common.is_done(peer.STAGE, "tiny-tp_magnitude-40")
+    assert len(saved["gsm8k_nll"]["cot_tokens"]) == 3 and saved["gsm8k_nll"]["cot_tokens"] == record["gsm8k_nll"]["cot_tokens"]
+    line = next(x for x in render.render().read_text().splitlines() if x.startswith("| tiny-tp_magnitude-40 |"))
+    assert re.search(r"\| \d+\.\d{3} \[\d+\.\d\d, \d+\.\d\d\] \|", line), line  # NLL with its interval
+    assert re.search(r"\| [+-]\d+\.\d\d \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\] \|$", line), line  # paired gap to rku_qheads
+
+
 def test_gqa_rule_removes_the_same_count_per_group():
     scores = torch.tensor([5.0, 1.0, 3.0, 0.5, 9.0, 2.0])
     assert peer.gqa_heads_to_remove(scores, num_kv=2, per_group=1) == [1, 3]
