@@ -15,6 +15,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from rku_lightning.pruner import ALLOCATIONS
+
 from . import oneshot, recover
 from .common import ROOT, is_done
 
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     one = stages.add_parser("oneshot", help="one-shot quality rows (no recovery)")
     one.add_argument("--models", nargs="+", default=["qwen0.5b"], choices=["qwen0.5b", "smollm2"])
     one.add_argument("--sparsities", nargs="+", type=float, default=[0.2, 0.3, 0.4])
-    one.add_argument("--allocations", nargs="+", default=["global", "uniform"], choices=["global", "uniform"])
+    one.add_argument("--allocations", nargs="+", default=["global", "uniform"], choices=ALLOCATIONS)
     one.add_argument("--methods", nargs="*", help="method names as in row ids, in the order to run them (dense, rku, rku_hidden, ...)")
     one.add_argument("--jobs", type=int, default=1, help="rows to run at once, each in its own process")
     oneshot.add_settings_arguments(one)

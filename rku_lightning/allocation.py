@@ -1,5 +1,6 @@
 """Turn scores into removals under a parameter budget: `global` (one ranking across layers per
-structure type) or `uniform` (the same budget in every layer).
+structure type), `uniform` (the same budget in every layer) or `joint` (one ranking across layers
+*and* structure types, by score per parameter, so the scores decide the attention/MLP split).
 
 Each layer offers, per type, an ordered list of removal *steps* (lowest score first): one MLP
 channel, or one attention group, or (in `query_heads` mode) one query head from every group of the
@@ -9,6 +10,10 @@ one layer for `uniform`) fills its budget in two passes:
 1. attention takes its proportional share of the budget (steps are coarse, so never more);
 2. MLP channels fill the rest to the nearest channel; if MLP hits its min-keep floor, attention
    takes more steps. A budget that the min-keep rules cannot reach is a `ValueError`.
+
+`joint` replaces pass 1 by one greedy pass over all steps in order of score per parameter
+removed (the knapsack rule: cheapest loss per parameter first); passes 2 and 3 then land the
+budget to the nearest channel. It only means something for scores on one scale across types.
 
 Ties are broken by layer, then position, so plans are deterministic.
 """
@@ -89,37 +94,49 @@ def head_slice_steps(layer: int, scores: torch.Tensor, alive: torch.Tensor, head
     ]
 
 
-def _fill(steps: list[Step], limits: dict[int, int], removed: float, target: float, nearest: bool) -> float:
-    """Take steps in score order while they fit the target (to the nearest step if `nearest`)."""
+def _kind(step: Step) -> tuple[int, bool]:
+    """Which per-layer limit a step counts against: (layer, is attention)."""
+    return step.layer, bool(step.heads)
+
+
+def _fill(steps: list[Step], limits: dict[tuple[int, bool], int], removed: float, target: float, nearest: bool) -> float:
+    """Take steps in the given order while they fit the target (to the nearest step if `nearest`)."""
     taken = dict.fromkeys(limits, 0)
     for step in steps:
-        taken[step.layer] += step.taken
+        taken[_kind(step)] += step.taken
     for step in steps:
-        if step.taken or taken[step.layer] >= limits[step.layer]:
+        if step.taken or taken[_kind(step)] >= limits[_kind(step)]:
             continue
         if removed + step.cost > target + (step.cost / 2 if nearest else 0.0):
             continue
         step.taken = True
-        taken[step.layer] += 1
+        taken[_kind(step)] += 1
         removed += step.cost
     return removed
 
 
-def fill_pool(offers: list[LayerOffer], target: float) -> Plan:
-    """Remove steps from these layers until `target` parameters (earlier removals included) are gone."""
-    removable = sum(o.removable_params for o in offers)
-    share = min(1.0, target / removable) if removable else 0.0
+def fill_pool(offers: list[LayerOffer], target: float, joint: bool = False) -> Plan:
+    """Remove steps from these layers until `target` parameters (earlier removals included) are gone.
+
+    `joint`: attention and MLP steps compete in one ranking by score per parameter instead of
+    attention taking its proportional share.
+    """
     # Python's sort is stable: equal scores keep layer-major, position-minor order.
     attention = sorted((s for o in offers for s in o.attention), key=lambda s: s.score)
     mlp = sorted((s for o in offers for s in o.mlp), key=lambda s: s.score)
-    attn_limits = {o.layer: o.attention_limit for o in offers}
-    mlp_limits = {o.layer: o.mlp_limit for o in offers}
-    dead_attention = sum(o.dead_attention_params for o in offers)
-    dead = dead_attention + sum(o.dead_mlp_params for o in offers)
+    limits = {(o.layer, True): o.attention_limit for o in offers} | {(o.layer, False): o.mlp_limit for o in offers}
+    dead = sum(o.dead_attention_params + o.dead_mlp_params for o in offers)
 
-    attention_removed = _fill(attention, attn_limits, dead_attention, share * sum(o.attention_params for o in offers), False)
-    removed = _fill(mlp, mlp_limits, dead + attention_removed - dead_attention, target, True)
-    removed = _fill(attention, attn_limits, removed, target, True)  # only if MLP hit its floor
+    if joint:
+        removed = _fill(sorted(attention + mlp, key=lambda s: s.score / s.cost), limits, dead, target, False)
+    else:
+        removable = sum(o.removable_params for o in offers)
+        share = min(1.0, target / removable) if removable else 0.0
+        dead_attention = sum(o.dead_attention_params for o in offers)
+        attention_removed = _fill(attention, limits, dead_attention, share * sum(o.attention_params for o in offers), False)
+        removed = dead + attention_removed - dead_attention
+    removed = _fill(mlp, limits, removed, target, True)
+    removed = _fill(attention, limits, removed, target, True)  # only if MLP hit its floor
 
     plan = Plan(removed_params=removed)
     for step in attention + mlp:

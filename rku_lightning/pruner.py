@@ -30,7 +30,7 @@ from .objectives import get_objective
 from .statistics import CalibrationStatistics
 from .structures import base_param_count, head_param_count, kv_param_count, unit_param_counts
 
-ALLOCATIONS = ("global", "uniform")
+ALLOCATIONS = ("global", "uniform", "joint")
 ATTENTION_MODES = ("groups", "query_heads", "none")
 
 
@@ -119,7 +119,9 @@ class StructuredPruner:
         model: a supported Hugging Face causal LM (Llama, Mistral, Qwen2), optionally peft-wrapped.
         importance: a registered method name (`rku`, `kinetic`, `taylor`, `magnitude`, `wanda_sp`,
             `flap`, `random`) or an `Importance` instance.
-        allocation: `global` (one ranking across layers per structure type) or `uniform`.
+        allocation: `global` (one ranking across layers per structure type; attention takes its
+            proportional share), `uniform` (the same counts in every layer) or `joint` (one ranking
+            across layers and types by score per parameter: the scores decide the attention/MLP split).
         objective: `ce` or `hidden` (gradient methods only).
         attention: `groups` (remove KV groups with their query heads; shrinks the KV cache) or
             `query_heads` (remove query heads, the same number from every group of a layer) or `none`
@@ -302,11 +304,11 @@ class StructuredPruner:
         self.gates.attach()
         views = self.adapter.views()
         offers = [self._offer(view, with_scores=True) for view in views]
-        pools = [offers] if self.allocation == "global" else [[o] for o in offers]
+        pools = [[o] for o in offers] if self.allocation == "uniform" else [offers]
         layer_totals = [base_param_count(v.layer) for v in views]
         plans = []
         for pool in pools:
-            pool_total = self._decoder_total if self.allocation == "global" else layer_totals[pool[0].layer]
+            pool_total = layer_totals[pool[0].layer] if self.allocation == "uniform" else self._decoder_total
             target = sparsity * pool_total
             reachable = max_removable(pool)
             if reachable < target - min(o.mlp_step_cost for o in pool) / 2:
@@ -314,7 +316,7 @@ class StructuredPruner:
                     f"sparsity {sparsity} is unreachable: min_mlp_keep={self.min_mlp_keep} and one attention group per "
                     f"layer cap it at {reachable / pool_total:.4f} ({self.allocation} allocation); lower sparsity or min_mlp_keep"
                 )
-            plans.append(fill_pool(pool, target))
+            plans.append(fill_pool(pool, target, joint=self.allocation == "joint"))
         for plan in plans:
             for layer, channels in plan.channels.items():
                 self.gates.mlp[layer][channels] = 0.0

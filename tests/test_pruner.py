@@ -10,6 +10,7 @@ from conftest import tiny_batches, tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from rku_lightning import StructuredPruner
+from rku_lightning.allocation import LayerOffer, Step, fill_pool
 from rku_lightning.importance import IMPORTANCES
 
 METHODS = sorted(IMPORTANCES)
@@ -23,7 +24,7 @@ def calibrated(family: str, importance: str = "rku", **kwargs) -> tuple[torch.nn
 
 
 @pytest.mark.parametrize("importance", METHODS)
-@pytest.mark.parametrize("allocation", ["global", "uniform"])
+@pytest.mark.parametrize("allocation", ["global", "uniform", "joint"])
 @pytest.mark.parametrize("attention", ["groups", "query_heads"])
 def test_budget_is_met(family, importance, allocation, attention):
     _, pruner = calibrated(family, importance, allocation=allocation, attention=attention)
@@ -78,6 +79,27 @@ def test_attention_none_prunes_mlp_channels_only(family, allocation):
     assert abs(report.sparsity - 0.35) < 0.012
     assert all(bool((heads > 0).all()) for heads in pruner.gates.heads)
     assert all(r.heads == r.heads_total and r.mlp_channels < r.mlp_channels_total for r in report.layers)
+
+
+def _offers(attention_score: float) -> list[LayerOffer]:
+    """Two layers of 10 unit-cost channels (score 1) and 2 attention groups of cost 5 (one may go)."""
+    return [
+        LayerOffer(
+            layer, [Step(1.0, 1.0, layer, channels=(j,)) for j in range(10)], 9,
+            [Step(attention_score, 5.0, layer, heads=(g,)) for g in range(2)], 1, 1.0, 5.0, 20.0, 10.0, 0.0, 0.0,
+        )
+        for layer in range(2)
+    ]
+
+
+@pytest.mark.parametrize(("attention_score", "groups_joint"), [(0.1, 2), (100.0, 0)])
+def test_joint_allocation_lets_scores_per_parameter_decide_the_split(attention_score, groups_joint):
+    # `global` gives attention its proportional share (10 of 40 removable -> one group) whatever the scores say.
+    fixed = fill_pool(_offers(attention_score), 10.0)
+    assert sum(len(h) for h in fixed.heads.values()) == 1 and fixed.removed_params == 10.0
+    joint = fill_pool(_offers(attention_score), 10.0, joint=True)
+    assert sum(len(h) for h in joint.heads.values()) == groups_joint and joint.removed_params == 10.0
+    assert sum(len(c) for c in joint.channels.values()) == 10 - 5 * groups_joint
 
 
 def test_plans_are_deterministic(family):
