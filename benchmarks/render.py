@@ -176,11 +176,15 @@ def plot_sparsity_curves(rows: list[dict], model: str, path: Path) -> Path | Non
         return None
     dense = [r for r in mine if r["row"]["importance"] is None]
     allocations = sorted({r["row"]["allocation"] for r in pruned})
-    fig, axes = plt.subplots(len(allocations), 3, figsize=(15, 4.2 * len(allocations)), squeeze=False, sharex=True)
-    panels = (
-        ("GSM8K accuracy", lambda r: sum(r["gsm8k_correct"]) / len(r["gsm8k_correct"]) if r["gsm8k_correct"] else None),
+    panels = [
         ("CoT NLL (log)", lambda r: r["gsm8k"].get("cot_nll")),
         ("CoT NLL, reasoning tokens (log)", lambda r: r["gsm8k"].get("cot_nll_reasoning")),
+    ]
+    has_accuracy = any(r["gsm8k_correct"] for r in pruned)
+    if has_accuracy:  # an empty accuracy panel (NLL-only rows) would only look like a failed plot
+        panels.insert(0, ("GSM8K accuracy", lambda r: sum(r["gsm8k_correct"]) / len(r["gsm8k_correct"]) if r["gsm8k_correct"] else None))
+    fig, axes = plt.subplots(
+        len(allocations), len(panels), figsize=(5 * len(panels), 4.2 * len(allocations)), squeeze=False, sharex=True
     )
     palette = plt.get_cmap("tab20").colors
     colours = {m: palette[i % len(palette)] for i, m in enumerate(sorted({method_name(r) for r in pruned}))}
@@ -197,17 +201,18 @@ def plot_sparsity_curves(rows: list[dict], model: str, path: Path) -> Path | Non
                 measured = [(x, value(r)) for x, r in zip(xs, points) if value(r) is not None]
                 if measured:
                     ax.plot(*zip(*measured), **style)
-        for i, (ax, (title, _)) in enumerate(zip(axes_row, panels)):
+        for ax, (title, _) in zip(axes_row, panels):
             ax.set_title(f"{title}, {allocation}")
             ax.set_xlabel("decoder sparsity (%)")
             ax.set_xlim(-2, 42)
             ax.grid(alpha=0.3, which="both")
-            if i:
+            if "NLL" in title:
                 ax.set_yscale("log")
                 ax.yaxis.set_major_formatter(ScalarFormatter())
                 ax.yaxis.set_minor_formatter(ScalarFormatter())
-        axes_row[0].set_ylim(-0.01, max(0.2, axes_row[0].get_ylim()[1]))
-        axes_row[1].legend(fontsize=7, ncol=2)
+        if has_accuracy:
+            axes_row[0].set_ylim(-0.01, max(0.2, axes_row[0].get_ylim()[1]))
+        axes_row[int(has_accuracy)].legend(fontsize=7, ncol=2)
     fig.suptitle(f"{model}: one-shot pruning, no recovery")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -63,6 +63,7 @@ def test_nll_only_peer_row_pairs_with_rku_on_the_same_structures(bench_env):
     line = next(x for x in render.render().read_text().splitlines() if x.startswith("| tiny-tp_magnitude-40 |"))
     assert re.search(r"\| \d+\.\d{3} \[\d+\.\d\d, \d+\.\d\d\] \|", line), line  # NLL with its interval
     assert re.search(r"\| [+-]\d+\.\d\d \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\] \|$", line), line  # paired gap to rku_qheads
+    assert (bench_env / "results" / "oneshot_sparsity_tiny.png").stat().st_size > 1000  # NLL panels only
 
 
 def test_gqa_rule_removes_the_same_count_per_group():
