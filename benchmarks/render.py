@@ -313,9 +313,8 @@ def peer_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
     ]
     for r in rows:
         g = r["gsm8k"]
-        model = r["row_id"].split("-")[0]
         rku = next(
-            (o for o in oneshot if o["row"]["model"] == model and method_name(o) == "rku_qheads" and o["row"]["allocation"] == "uniform"
+            (o for o in oneshot if o["row"]["model"] == r["model"] and method_name(o) == "rku_qheads" and o["row"]["allocation"] == "uniform"
              and round(o["row"]["sparsity"], 2) == round(r["sparsity"], 2) and o["settings"]["gsm8k_limit"] == r["settings"]["limit"]),
             None,
         )

@@ -4,8 +4,8 @@ structure type), `uniform` (the same budget in every layer) or `joint` (one rank
 
 Each layer offers, per type, an ordered list of removal *steps* (lowest score first): one MLP
 channel, or one attention group, or (in `query_heads` mode) one query head from every group of the
-layer so that all groups keep the same q-per-kv ratio. A pool of layers (all layers for `global`,
-one layer for `uniform`) fills its budget in two passes:
+layer so that all groups keep the same q-per-kv ratio. A pool of layers (all layers for `global`
+and `joint`, one layer for `uniform`) fills its budget in two passes:
 
 1. attention takes its proportional share of the budget (steps are coarse, so never more);
 2. MLP channels fill the rest to the nearest channel; if MLP hits its min-keep floor, attention
