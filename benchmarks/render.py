@@ -167,6 +167,52 @@ def oneshot_tables(rows: list[dict]) -> list[str]:
     return out
 
 
+def calibration_section(rows: list[dict]) -> list[str]:
+    """Rows measured with several calibration sizes side by side, each size's NLL paired against the
+    smallest: whether a finding is about the method or about too little calibration data."""
+    sizes_of: dict[tuple[str, int], dict[int, dict]] = defaultdict(dict)
+    for row in rows:
+        limit, size = _measured_on(row)
+        if "gsm8k_nll" in row:
+            sizes_of[(row["row_id"], limit)][size] = row
+    repeated = {key: by_size for key, by_size in sizes_of.items() if len(by_size) > 1}
+    if not repeated:
+        return []
+    sizes = sorted({size for by_size in repeated.values() for size in by_size})
+    out = [
+        "## Calibration size",
+        "",
+        "Rows measured with more than one calibration sample (GSM8K-train problems, same seed and length). "
+        "CoT NLL of the gold solutions; in brackets the paired gap to the same row with the smallest sample, "
+        "on the same questions (negative = more calibration data helped).",
+        "",
+        "| model | allocation | sparsity | method | questions | " + " | ".join(f"{n} problems" for n in sizes) + " |",
+        "|---|---|---|---|---|" + "---|" * len(sizes),
+    ]
+    def order(item: tuple[tuple[str, int], dict[int, dict]]) -> tuple:
+        meta = next(iter(item[1].values()))["row"]
+        return meta["model"], item[0][1], meta["allocation"], meta["sparsity"], item[0][0]
+
+    for (_, limit), by_size in sorted(repeated.items(), key=order):
+        smallest = by_size[min(by_size)]
+        cells = []
+        for size in sizes:
+            row = by_size.get(size)
+            if row is None:
+                cells.append("—")
+            elif row is smallest:
+                cells.append(f"{row['gsm8k']['cot_nll']:.3f}")
+            else:
+                mean, low, high = paired_nll_gap(row["gsm8k_nll"], smallest["gsm8k_nll"])
+                cells.append(f"{row['gsm8k']['cot_nll']:.3f} ({mean:+.2f} [{low:+.2f}, {high:+.2f}])")
+        meta = smallest["row"]
+        out.append(
+            f"| {meta['model']} | {meta['allocation']} | {meta['sparsity']:.0%} | {method_name(smallest)} | {limit} | "
+            + " | ".join(cells) + " |"
+        )
+    return out + [""]
+
+
 def plot_sparsity_curves(rows: list[dict], model: str, path: Path) -> Path | None:
     """Per allocation (rows of panels): accuracy, CoT NLL and its reasoning part vs sparsity, every curve
     starting at the dense model; NLL on a log axis because magnitude-style rows land 10x above the rest."""
@@ -396,11 +442,13 @@ def render() -> Path:
         lines += ["## One-shot quality", ""] + oneshot_tables(rows)
         # Curves use each model's main calibration size; other sizes are investigation rows in the tables.
         models = sorted({r["row"]["model"] for r in rows})
-        curves = [plot_sparsity_curves(_main_calibration(rows, m), m, RESULTS / f"oneshot_sparsity_{m}.png") for m in models]
-        profile = plot_layer_profile(rows, RESULTS / "oneshot_layer_profile.png")
+        main = {m: _main_calibration(rows, m) for m in models}
+        curves = [plot_sparsity_curves(main[m], m, RESULTS / f"oneshot_sparsity_{m}.png") for m in models]
+        profile = plot_layer_profile([r for m in models for r in main[m]], RESULTS / "oneshot_layer_profile.png")
         figures = [("accuracy and CoT NLL vs sparsity", c) for c in curves] + [("kept fraction per layer", profile)]
         lines += [f"![{alt}](results/{p.name})" for alt, p in figures if p]
         lines.append("")
+        lines += calibration_section(rows)
     for row in load_rows("diagnostics"):
         lines += diagnostics_section(row)
     if peer := peer_rows():

@@ -48,7 +48,13 @@ def test_oneshot_rows_run_cache_statistics_and_render(bench_env):
     saved = json.loads(common.row_path("oneshot", "tiny-rku-global-30").read_text())
     assert saved["commit"] and saved["command"] and saved["environment"]["threads"] >= 1
     assert common.is_done("oneshot", "tiny-rku-global-30")
+    more = Settings(calib_samples=3, calib_max_length=700, gsm8k_limit=3, generate=False)
+    common.write_row(more.stage, "tiny-rku-global-30", run_row(Row("tiny", "rku", sparsity=0.3), more))
     text = render.render().read_text()
+    # The same row with a larger calibration sample gets its own table and a paired comparison.
+    assert "3 calibration problems" in text and "| 2 problems | 3 problems |" in text
+    compared = next(line for line in text.splitlines() if line.startswith("| tiny | global | 30% | rku | 3 |"))
+    assert re.search(r"\| \d+\.\d{3} \| \d+\.\d{3} \([+-]\d+\.\d\d \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\]\) \|$", compared), compared
     for method in ("rku", "flap"):
         assert re.search(rf"\| global \| (29|30)\.\d% \| {method} \|", text), method
     assert "| dense |" in text
