@@ -96,11 +96,14 @@ def _gaps(row: dict, reference: dict | None) -> tuple[str, str]:
     if reference["gsm8k_correct"] and len(reference["gsm8k_correct"]) == len(row["gsm8k_correct"]):
         mean, low, high = paired_gap(row["gsm8k_correct"], reference["gsm8k_correct"])
         acc = f"{mean:+.1%} [{low:+.0%}, {high:+.0%}]"
-    nll = ""
-    if "gsm8k_nll" in row and "gsm8k_nll" in reference:
-        mean, low, high = paired_nll_gap(row["gsm8k_nll"], reference["gsm8k_nll"])
-        nll = f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+    nll = _nll_gap(row, reference) if "gsm8k_nll" in row and "gsm8k_nll" in reference else ""
     return acc, nll
+
+
+def _nll_gap(row: dict, reference: dict) -> str:
+    """`row`'s CoT NLL minus `reference`'s on the same questions, with its paired interval."""
+    mean, low, high = paired_nll_gap(row["gsm8k_nll"], reference["gsm8k_nll"])
+    return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
 def _measured_on(row: dict) -> tuple[int, int]:
@@ -189,6 +192,7 @@ def calibration_section(rows: list[dict]) -> list[str]:
         "| model | allocation | sparsity | method | questions | " + " | ".join(f"{n} problems" for n in sizes) + " |",
         "|---|---|---|---|---|" + "---|" * len(sizes),
     ]
+
     def order(item: tuple[tuple[str, int], dict[int, dict]]) -> tuple:
         meta = next(iter(item[1].values()))["row"]
         return meta["model"], item[0][1], meta["allocation"], meta["sparsity"], item[0][0]
@@ -203,8 +207,7 @@ def calibration_section(rows: list[dict]) -> list[str]:
             elif row is smallest:
                 cells.append(f"{row['gsm8k']['cot_nll']:.3f}")
             else:
-                mean, low, high = paired_nll_gap(row["gsm8k_nll"], smallest["gsm8k_nll"])
-                cells.append(f"{row['gsm8k']['cot_nll']:.3f} ({mean:+.2f} [{low:+.2f}, {high:+.2f}])")
+                cells.append(f"{row['gsm8k']['cot_nll']:.3f} ({_nll_gap(row, smallest)})")
         meta = smallest["row"]
         out.append(
             f"| {meta['model']} | {meta['allocation']} | {meta['sparsity']:.0%} | {method_name(smallest)} | {limit} | "
