@@ -119,14 +119,19 @@ def _main_calibration(rows: list[dict], model: str) -> list[dict]:
 
 
 def oneshot_tables(rows: list[dict]) -> list[str]:
-    """One table per model and question count; gaps are the row minus RKU on the same questions."""
+    """One table per model, question count and calibration size; gaps are the row minus RKU on the same questions."""
     out: list[str] = []
     groups: dict[tuple[str, int, int], list[dict]] = defaultdict(list)
+    dense_of: dict[tuple[str, int], dict] = {}
     for row in rows:
-        groups[(row["row"]["model"], *_measured_on(row))].append(row)
-    for (model, limit, calibration), group in sorted(groups.items()):
-        dense = next((r for r in group if r["row"]["importance"] is None), None)
-        settings = group[0]["settings"]
+        if row["row"]["importance"] is None:
+            # The dense model needs no calibration: it heads every table measured on its questions.
+            dense_of[(row["row"]["model"], _measured_on(row)[0])] = row
+        else:
+            groups[(row["row"]["model"], *_measured_on(row))].append(row)
+    for (model, limit, calibration), pruned in sorted(groups.items()):
+        dense = dense_of.get((model, limit))
+        settings = pruned[0]["settings"]
         out += [
             f"### {model}: one-shot pruning, no recovery, first {limit} GSM8K test questions, {calibration} calibration problems",
             "",
@@ -141,10 +146,9 @@ def oneshot_tables(rows: list[dict]) -> list[str]:
             "| KV bytes/token | acc − RKU | NLL − RKU |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        pruned = [r for r in group if r["row"]["importance"] is not None]
         if dense:
             g = dense["gsm8k"]
-            kv = f"{pruned[0]['report']['kv_cache_bytes_per_token_before']:,}" if pruned else "—"
+            kv = f"{pruned[0]['report']['kv_cache_bytes_per_token_before']:,}"
             out.append(
                 f"| — | 0 % | dense | {_acc(dense['gsm8k_correct'])} | {_nll(dense)} | {_fmt(g.get('cot_nll_reasoning'))} "
                 f"| {_fmt(g.get('cot_nll_other'))} | {_acc(dense['svamp_correct'])} | {dense['params']:,} | {kv} | | |"

@@ -53,6 +53,8 @@ def test_oneshot_rows_run_cache_statistics_and_render(bench_env):
     text = render.render().read_text()
     # The same row with a larger calibration sample gets its own table and a paired comparison.
     assert "3 calibration problems" in text and "| 2 problems | 3 problems |" in text
+    larger = text.split("3 calibration problems", 1)[1].split("\n#", 1)[0]
+    assert "| dense |" in larger  # the dense row needs no calibration: it heads that table too
     compared = next(line for line in text.splitlines() if line.startswith("| tiny | global | 30% | rku | 3 |"))
     assert re.search(r"\| \d+\.\d{3} \| \d+\.\d{3} \([+-]\d+\.\d\d \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\]\) \|$", compared), compared
     for method in ("rku", "flap"):
