@@ -9,6 +9,9 @@ steps, shorter sequences, CoT NLL validation without generation); they are recor
 holds the run's report (every round's sparsity, size, metrics and phase times) and, for comparison
 with the one-shot rows, the exported model's CoT NLL on the same 32 GSM8K test questions with
 per-question sums (bootstrap intervals, paired gaps between methods).
+
+A row whose run was interrupted (a session's end, a crash) resumes from the run's latest round-end
+checkpoint when it is run again, so the hours-long `full` preset can be finished in several sittings.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -58,10 +62,20 @@ def train_command(method: str, preset: str, extra: list[str] = ()) -> list[str]:
     ]
 
 
+def run_dir(method: str, preset: str) -> Path:
+    return WORK / STAGE / row_id(method, preset)
+
+
+def latest_checkpoint(method: str, preset: str) -> Path | None:
+    """The round-end checkpoint an interrupted run of this row left behind, if any."""
+    found = sorted((run_dir(method, preset) / "checkpoints").glob("round-end*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
 def final_scores(method: str, preset: str, threads: int, limit: int = 32) -> dict:
     """CoT NLL of the exported (compacted, LoRA-merged) model, scored like the one-shot rows."""
     torch.set_num_threads(threads)
-    model, tokenizer = load_pruned(WORK / STAGE / row_id(method, preset) / "model")
+    model, tokenizer = load_pruned(run_dir(method, preset) / "model")
     problems = load_problems(DATA / "gsm8k" / "test.jsonl", task="gsm8k", limit=limit)
     result = evaluate_model(model, tokenizer, problems, generate=False, nll_batch_size=2, perplexity=False, progress=False)
     return {
@@ -73,12 +87,20 @@ def final_scores(method: str, preset: str, threads: int, limit: int = 32) -> dic
 
 
 def run_row(method: str, preset: str, threads: int, extra: list[str] = ()) -> dict:
-    """Run train.py for `method` and return the row record (raises if the run fails)."""
-    command = train_command(method, preset, list(extra))
+    """Run train.py for `method` (resuming an interrupted run) and return the row record (raises if it fails)."""
+    checkpoint = latest_checkpoint(method, preset)
+    resumed_from, resume = None, []
+    if checkpoint is not None:
+        state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)["callbacks"]
+        rounds_done = next(v for k, v in state.items() if k.startswith("RKUPruning"))["records"][-1]["round"]
+        resumed_from = {"checkpoint": str(checkpoint), "rounds_done": rounds_done}
+        print(f"{row_id(method, preset)}: resuming after round {resumed_from['rounds_done']} from {checkpoint}")
+        resume = [f"--ckpt_path={checkpoint}"]
+    command = train_command(method, preset, [*extra, *resume])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # torch's intra-op threads in the child
     started = time.perf_counter()
     subprocess.run(command, cwd=ROOT, env=env, check=True)
-    report = json.loads((WORK / STAGE / row_id(method, preset) / "report.json").read_text())
+    report = json.loads((run_dir(method, preset) / "report.json").read_text())
     return {
         "method": method,
         "preset": preset,
@@ -87,6 +109,9 @@ def run_row(method: str, preset: str, threads: int, extra: list[str] = ()) -> di
         "train_command": " ".join(["python", *command[1:]]),
         "threads": threads,
         "wall_s": round(time.perf_counter() - started, 1),
+        "resumed_from": resumed_from,
+        # Phase times summed over every round, whichever sitting ran it.
+        "compute_s": round(sum(v for r in report["rounds"] for k, v in r.items() if k.startswith("time_")), 1),
         "report": report,
         "final": final_scores(method, preset, threads),
     }

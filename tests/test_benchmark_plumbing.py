@@ -125,3 +125,32 @@ def test_recover_row_runs_train_py_and_renders_every_round(bench_env, monkeypatc
     assert "**tiny-magnitude-tiny**" in text and text.count("| 0 | 0.000 | 0.000 |") == 1
     assert re.search(r"\| tiny-magnitude-tiny \| (29|30)\.\d% \| [\d,]+ \| \d+\.\d{3} \[", text)
     assert (bench_env / "results" / "recover_nll.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_recover_row_resumes_an_interrupted_run(bench_env, monkeypatch):
+    import subprocess
+
+    from test_train_cli import write_config
+
+    import benchmarks.recover as recover
+
+    monkeypatch.setattr(recover, "CONFIG", str(write_config(bench_env)))
+    monkeypatch.setattr(recover, "WORK", bench_env / "work")
+    monkeypatch.setitem(recover.PRESETS, "tiny", ["--model.generate=false", "--pruning.rounds=2"])
+    assert recover.latest_checkpoint("magnitude", "tiny") is None
+    # The first sitting stops after round 1 of 2 (as a session's end would), leaving its round-end checkpoint.
+    stop = ["--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping", "--trainer.callbacks.monitor=round",
+            "--trainer.callbacks.mode=max", "--trainer.callbacks.stopping_threshold=0.5",
+            "--trainer.callbacks.check_on_train_epoch_end=false"]
+    subprocess.run(recover.train_command("magnitude", "tiny", stop), cwd=recover.ROOT, check=True, capture_output=True)
+    assert recover.latest_checkpoint("magnitude", "tiny") is not None
+    assert not (recover.run_dir("magnitude", "tiny") / "model").exists()
+
+    record = recover.run_row("magnitude", "tiny", threads=1)
+    assert record["resumed_from"]["rounds_done"] == 1 and "--ckpt_path=" in record["train_command"]
+    assert not any(o.startswith("--ckpt_path") for o in record["overrides"])
+    rounds = record["report"]["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2] and rounds[2]["sparsity"] == pytest.approx(0.3, abs=0.03)
+    assert record["compute_s"] == pytest.approx(sum(v for r in rounds for k, v in r.items() if k.startswith("time_")), abs=0.1)
+    assert record["final"]["gsm8k"]["cot_nll"] > 0
