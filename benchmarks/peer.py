@@ -288,7 +288,7 @@ DIFFERENCES = [
     "k_proj/v_proj under GQA (KV cache unchanged); the engine (attention='groups') removes whole KV groups with "
     "their query heads (KV cache shrinks)",
     "head count: Torch-Pruning's rule ceil(ceil(ratio*heads)/kv_heads) per KV group with head ratio = the sparsity "
-    "(its example sets head_pruning_ratio = pruning_ratio); the MLP ratio is then solved so that the decoder "
+    "(its example sets head_pruning_ratio = pruning_ratio) or, in rows whose id ends in -hNN, NN %; the MLP ratio is then solved so that the decoder "
     "parameter count matches the engine's (uniform per layer, so it lands within half a channel per layer)",
     "attention scoring path: " + ATTENTION_LIMITATION + "; query heads are therefore scored by the same importance "
     "object on a manually assembled tp.Group [q_proj out rows, o_proj in columns] and cut with "
@@ -313,7 +313,8 @@ def run_row(model_key: str, sparsity: float, importance: str, args: argparse.Nam
         problems = load_problems(train, task="gsm8k", split="train")
         batches = calibration_batches(tokenizer, problems, args.calib_samples, 4, args.calib_max_length, seed=args.seed)
     example = torch.tensor([tokenizer.encode("Hello world.")])
-    info = prune_with_torch_pruning(model, importance, target["decoder_params_after"], example, batches, head_ratio=sparsity)
+    head_ratio = sparsity if args.head_ratio is None else args.head_ratio
+    info = prune_with_torch_pruning(model, importance, target["decoder_params_after"], example, batches, head_ratio=head_ratio)
     model.eval()
     gsm8k_path, svamp_path = DATA / "gsm8k" / "test.jsonl", DATA / "svamp" / "test.jsonl"
     gsm8k = load_problems(gsm8k_path, task="gsm8k", limit=args.limit)
@@ -339,7 +340,7 @@ def run_row(model_key: str, sparsity: float, importance: str, args: argparse.Nam
         "model": model_key,
         "model_source": MODELS[model_key],
         "sparsity": sparsity,
-        "settings": {k: getattr(args, k) for k in ("limit", "svamp_limit", "max_new_tokens", "batch_size", "calib_samples", "calib_max_length", "seed", "generate")},
+        "settings": {k: getattr(args, k) for k in ("limit", "svamp_limit", "max_new_tokens", "batch_size", "calib_samples", "calib_max_length", "seed", "generate", "head_ratio")},
         "engine_target": target,
         "torch_pruning": info,
         "achieved_sparsity": 1 - info["achieved_decoder_params"] / target["decoder_params_before"],
@@ -357,8 +358,10 @@ def run_row(model_key: str, sparsity: float, importance: str, args: argparse.Nam
     }
 
 
-def row_id(model_key: str, importance: str, sparsity: float) -> str:
-    return f"{model_key}-tp_{importance}-{int(round(sparsity * 100))}"
+def row_id(model_key: str, importance: str, sparsity: float, head_ratio: float | None = None) -> str:
+    """`qwen0.5b-tp_taylor-40`; with a head ratio other than the sparsity, `...-40-h33`."""
+    rid = f"{model_key}-tp_{importance}-{int(round(sparsity * 100))}"
+    return rid if head_ratio is None or head_ratio == sparsity else f"{rid}-h{int(round(head_ratio * 100))}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -373,12 +376,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--calib-max-length", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--head-ratio", type=float, default=None,
+                        help="Torch-Pruning's head_pruning_ratio (default: the sparsity, as its LLM example); e.g. 0.33 "
+                        "removes one query head per KV group on SmolLM2, the engine's uniform choice there")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--generate", action=argparse.BooleanOptionalAction, default=True,
                         help="--no-generate: CoT NLL only (minutes instead of most of an hour on 2 CPU cores)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rid = row_id(args.model, args.importance, args.sparsity)
+    if args.head_ratio is not None and not 0 <= args.head_ratio < 1:
+        parser.error(f"--head-ratio must be in [0, 1), got {args.head_ratio}")
+    rid = row_id(args.model, args.importance, args.sparsity, args.head_ratio)
     stage = STAGE if args.generate else NLL_STAGE
     if is_done(stage, rid):
         print(f"{rid}: done already")

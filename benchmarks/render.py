@@ -352,17 +352,19 @@ def peer_rows() -> list[dict]:
 def peer_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
     """Torch-Pruning rows, evaluated by the same code; how each differs from the engine is listed once.
 
-    The paired gap is against the engine's RKU on Torch-Pruning's structures (`rku_qheads`, uniform
-    allocation, same sparsity and questions): the comparison where only the scores differ.
+    The paired gap is against the engine's RKU on Torch-Pruning's kind of structures (`rku_qheads`,
+    uniform allocation, same sparsity and questions). Only where both keep the same number of heads and
+    channels in every layer do the scores alone differ; the structures column says whether they do.
     """
     lines = [
         "## Peer: Torch-Pruning, same model and parameter count",
         "",
         "Last column: row minus the engine's `rku_qheads` at uniform allocation (query heads, the same number per "
-        "layer: Torch-Pruning's structures), paired on the same questions (negative = better than RKU).",
+        "layer, as Torch-Pruning prunes), paired on the same questions (negative = better than RKU). Structures: "
+        "query heads + MLP channels kept per layer by the row and by that RKU row.",
         "",
-        "| row | sparsity | GSM8K acc | CoT NLL | NLL reasoning | NLL other | SVAMP acc | params | NLL − RKU (same structures) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| row | sparsity | GSM8K acc | CoT NLL | NLL reasoning | NLL other | SVAMP acc | params | structures | NLL − RKU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         g = r["gsm8k"]
@@ -374,11 +376,29 @@ def peer_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
         lines.append(
             f"| {r['row_id']} | {r['achieved_sparsity']:.1%} | {_acc(r['gsm8k_correct'])} | {_nll(r)} "
             f"| {_fmt(g.get('cot_nll_reasoning'))} | {_fmt(g.get('cot_nll_other'))} | {_acc(r['svamp_correct'])} | {r['params']:,} "
-            f"| {_gaps(r, rku)[1]} |"
+            f"| {_structures(r, rku)} | {_gaps(r, rku)[1]} |"
         )
     differences = dict.fromkeys(d for r in rows for d in r.get("differences_from_engine", []))
     lines += ["", "How these rows differ from the engine's (recorded in each row as `differences_from_engine`):", ""]
     return lines + [f"- {d}" for d in differences] + [""]
+
+
+def _structures(peer: dict, rku: dict | None) -> str:
+    """`same` when the peer row and the RKU row keep equal heads and channels in every layer, else both."""
+    info = peer["torch_pruning"]
+    mine = [(info["kept_query_heads_per_layer"], c) for c in info["kept_mlp_channels_per_layer"]]
+    if rku is None:
+        return f"{_per_layer(mine)}"
+    theirs = [(layer["heads"], layer["mlp_channels"]) for layer in rku["report"]["layers"]]
+    return "same" if mine == theirs else f"differ: {_per_layer(mine)}; RKU {_per_layer(theirs)}"
+
+
+def _per_layer(kept: list[tuple[int, int]]) -> str:
+    return f"{_span([h for h, _ in kept])} heads + {_span([c for _, c in kept])} ch"
+
+
+def _span(values: list[int]) -> str:
+    return str(values[0]) if min(values) == max(values) else f"{min(values)}–{max(values)}"
 
 
 def efficiency_section(rows: list[dict]) -> list[str]:

@@ -64,6 +64,23 @@ def test_nll_only_peer_row_pairs_with_rku_on_the_same_structures(bench_env):
     assert re.search(r"\| \d+\.\d{3} \[\d+\.\d\d, \d+\.\d\d\] \|", line), line  # NLL with its interval
     assert re.search(r"\| [+-]\d+\.\d\d \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\] \|$", line), line  # paired gap to rku_qheads
     assert (bench_env / "results" / "oneshot_sparsity_tiny.png").stat().st_size > 1000  # NLL panels only
+    # With the head ratio that removes RKU's number of heads per KV group, the heads match RKU's, and the
+    # structures column shows both rows' per-layer counts (the channel counts may differ by rounding).
+    kept = {(layer["heads"], layer["mlp_channels"]) for layer in record["report"]["layers"]}
+    assert len(kept) == 1
+    heads, channels = kept.pop()
+    head_ratio = (6 - heads) / 6  # tiny models: 6 query heads in 2 KV groups
+    peer.main([*flags, f"--head-ratio={head_ratio}"])
+    rid = peer.row_id("tiny", "magnitude", 0.4, head_ratio)
+    assert rid == f"tiny-tp_magnitude-40-h{round(head_ratio * 100)}" and common.is_done(peer.NLL_STAGE, rid)
+    matched = json.loads(common.row_path(peer.NLL_STAGE, rid).read_text())["torch_pruning"]
+    assert matched["kept_query_heads_per_layer"] == heads
+    mine = (heads, matched["kept_mlp_channels_per_layer"][0])
+    expected = "same" if mine == (heads, channels) else f"differ: {heads} heads + {mine[1]} ch; RKU {heads} heads + {channels} ch"
+    line = next(x for x in render.render().read_text().splitlines() if x.startswith(f"| {rid} |"))
+    assert f"| {expected} |" in line, line
+    with pytest.raises(SystemExit):
+        peer.main([*flags, "--head-ratio=1.5"])
 
 
 def test_gqa_rule_removes_the_same_count_per_group():
