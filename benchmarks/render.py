@@ -415,50 +415,67 @@ def efficiency_section(rows: list[dict]) -> list[str]:
 
 
 def recover_section(rows: list[dict], plot_path: Path) -> list[str]:
-    """Every round of each prune-and-recover run (train.py), one table per method, and NLL per round."""
+    """Every round of each prune-and-recover run (train.py), one table per method, and metrics per round.
+
+    Runs are compared only within a preset (same config and overrides); the plot has one panel per
+    validation metric that any run logged (CoT NLL always, GSM8K and OOD accuracy when generating).
+    """
     lines = ["## Prune and recover (`train.py`, LoRA recovery between rounds)", ""]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    panels = [m for m in RECOVER_PANELS if any(m in x.get("metrics", {}) for r in rows for x in r["report"]["rounds"])]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.5 * max(len(panels), 1), 4), squeeze=False)
     for r in rows:
         records = r["report"]["rounds"]
-        lines += [
-            f"**{r['row_id']}**: `{r['train_command']}` (threads: {r['threads']}, {r['wall_s'] / 60:.0f} min, "
-            f"commit {r['commit'][:7]})",
-            "",
-            markdown_table(records),
-            "",
-        ]
-        points = [(x["sparsity"], x["metrics"]["val/cot_nll"]) for x in records if "val/cot_nll" in x.get("metrics", {})]
-        if points:
-            ax.plot(*zip(*points), marker="o", label=r["row_id"], linewidth=2.5 if r["method"] == "rku" else 1.2)
-    scored = [r for r in rows if "final" in r]
-    if scored:
-        rku = next((r for r in scored if r["method"] == "rku"), None)
-        lines += [
-            f"Exported models scored like the one-shot rows (CoT NLL of the first {scored[0]['final']['gsm8k_limit']} "
-            "GSM8K test questions, intervals over questions, gap paired with the RKU run):",
-            "",
-            "| row | sparsity | params | CoT NLL | NLL reasoning | NLL other | NLL − RKU |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in scored:
-            final, last = r["final"], r["report"]["rounds"][-1]
-            gap = ""
-            if rku is not None and rku is not r:
-                mean, low, high = paired_nll_gap(final["gsm8k_nll"], rku["final"]["gsm8k_nll"])
-                gap = f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
-            lines.append(
-                f"| {r['row_id']} | {last['sparsity']:.1%} | {last['params']:,} | {_nll(final)} "
-                f"| {_fmt(final['gsm8k'].get('cot_nll_reasoning'))} | {_fmt(final['gsm8k'].get('cot_nll_other'))} | {gap} |"
-            )
-        lines.append("")
-    ax.set_xlabel("decoder sparsity after the round's recovery")
-    ax.set_ylabel("CoT NLL (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        lines += [f"**{r['row_id']}**: `{r['train_command']}` ({_recover_time(r)}, commit {r['commit'][:7]})", "",
+                  markdown_table(records), ""]
+        for ax, metric in zip(axes[0], panels):
+            points = [(x["sparsity"], x["metrics"][metric]) for x in records if metric in x.get("metrics", {})]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=r["row_id"], linewidth=2.5 if r["method"] == "rku" else 1.2)
+    for preset in dict.fromkeys(r["preset"] for r in rows if "final" in r):
+        lines += _recover_final_table([r for r in rows if "final" in r and r["preset"] == preset])
+    for ax, metric in zip(axes[0], panels):
+        ax.set_xlabel("decoder sparsity after the round's recovery")
+        ax.set_ylabel(RECOVER_PANELS[metric])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(plot_path, dpi=110)
     plt.close(fig)
-    return lines + [f"![CoT NLL per round](results/{plot_path.name})", ""]
+    return lines + [f"![Validation metrics per round](results/{plot_path.name})", ""]
+
+
+#: Validation metrics plotted per round, with their axis labels.
+RECOVER_PANELS = {"val/cot_nll": "CoT NLL (nats/token)", "val/gsm8k_acc": "GSM8K accuracy", "val/ood_acc": "OOD (SVAMP) accuracy"}
+
+
+def _recover_time(row: dict) -> str:
+    threads = f"threads: {row['threads']}"
+    if row.get("resumed_from"):
+        return f"{threads}, {row['compute_s'] / 60:.0f} min over several sittings, resumed after round {row['resumed_from']['rounds_done']}"
+    return f"{threads}, {row['wall_s'] / 60:.0f} min"
+
+
+def _recover_final_table(rows: list[dict]) -> list[str]:
+    """The exported models of one preset, scored like the one-shot rows, paired with that preset's RKU run."""
+    rku = next((r for r in rows if r["method"] == "rku"), None)
+    lines = [
+        f"Preset `{rows[0]['preset']}`: exported models scored like the one-shot rows (CoT NLL of the first "
+        f"{rows[0]['final']['gsm8k_limit']} GSM8K test questions, intervals over questions, gap paired with the RKU run):",
+        "",
+        "| row | sparsity | params | CoT NLL | NLL reasoning | NLL other | NLL − RKU |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        final, last = r["final"], r["report"]["rounds"][-1]
+        gap = ""
+        if rku is not None and rku is not r:
+            mean, low, high = paired_nll_gap(final["gsm8k_nll"], rku["final"]["gsm8k_nll"])
+            gap = f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+        lines.append(
+            f"| {r['row_id']} | {last['sparsity']:.1%} | {last['params']:,} | {_nll(final)} "
+            f"| {_fmt(final['gsm8k'].get('cot_nll_reasoning'))} | {_fmt(final['gsm8k'].get('cot_nll_other'))} | {gap} |"
+        )
+    return lines + [""]
 
 
 def render() -> Path:
@@ -481,7 +498,7 @@ def render() -> Path:
     if peer := peer_rows():
         lines += peer_section(peer, rows)
     if recover := load_rows("recover"):
-        lines += recover_section(recover, RESULTS / "recover_nll.png")
+        lines += recover_section(recover, RESULTS / "recover_rounds.png")
     if efficiency := load_rows("efficiency"):
         lines += efficiency_section(efficiency)
     RESULTS_MD.write_text("\n".join(lines) + "\n")

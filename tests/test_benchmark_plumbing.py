@@ -121,10 +121,17 @@ def test_recover_row_runs_train_py_and_renders_every_round(bench_env, monkeypatc
     final = record["final"]  # the exported model, scored like the one-shot rows
     assert final["gsm8k"]["cot_nll"] > 0 and len(final["gsm8k_nll"]["cot_tokens"]) == len(final["gsm8k_indices"]) == 32
     common.write_row("recover", "tiny-magnitude-tiny", record)
+    # An RKU run of another preset that logged accuracy and was resumed: compared only within its preset.
+    accuracy = [{**x, "metrics": {**x["metrics"], "val/gsm8k_acc": 0.5}} for x in rounds]
+    other = {**record, "method": "rku", "preset": "other", "report": {**record["report"], "rounds": accuracy},
+             "resumed_from": {"checkpoint": "round-end.ckpt", "rounds_done": 1}, "compute_s": 120.0}
+    common.write_row("recover", "tiny-rku-other", other)
     text = render.render().read_text()
-    assert "**tiny-magnitude-tiny**" in text and text.count("| 0 | 0.000 | 0.000 |") == 1
-    assert re.search(r"\| tiny-magnitude-tiny \| (29|30)\.\d% \| [\d,]+ \| \d+\.\d{3} \[", text)
-    assert (bench_env / "results" / "recover_nll.png").read_bytes()[:4] == b"\x89PNG"
+    assert "**tiny-magnitude-tiny**" in text and text.count("| 0 | 0.000 | 0.000 |") == 2
+    assert "2 min over several sittings, resumed after round 1" in text and text.count("Preset `") == 2
+    tiny = text.split("Preset `tiny`", 1)[1].split("Preset `other`", 1)[0]
+    assert re.search(r"\| tiny-magnitude-tiny \| (29|30)\.\d% \| [\d,]+ \| \d+\.\d{3} \[.*\|\s+\|$", tiny, re.M)  # no RKU run to pair
+    assert (bench_env / "results" / "recover_rounds.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow
