@@ -155,3 +155,35 @@ def test_validation_without_generation_measures_nll_only(tmp_path, generate):
     metrics = {key.split("/dataloader_idx")[0] for result in trainer.validate(module, datamodule, verbose=False) for key in result}
     nll = {"val/cot_nll", "val/cot_nll_reasoning", "val/cot_nll_other"}
     assert metrics == (nll | {"val/gsm8k_acc", "val/ood_acc"} if generate else nll)
+
+
+def test_validation_scores_nll_in_slices_with_the_same_result(tmp_path):
+    """`nll_batch_size` bounds the logits held at once (GBs for a real vocabulary) without changing the NLL."""
+    import lightning as L
+
+    from rku_lightning.datamodule import ReasoningDataModule
+    from rku_lightning.lightning_module import CausalLMPruningModule
+
+    write_config(tmp_path)
+    data = tmp_path / "data"
+    results = {}
+    for size in (None, 1, 3):
+        module = CausalLMPruningModule(pretrained=str(tmp_path / "tiny"), generate=False, nll_batch_size=size)
+        datamodule = ReasoningDataModule(train_data=str(data / "gsm8k"), val_data=str(data / "gsm8k"), val_limit=4,
+                                         eval_batch_size=4, max_length=320)
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        results[size] = trainer.validate(module, datamodule, verbose=False)[0]
+    assert results[None]["val/cot_nll"] > 0
+    for size in (1, 3):
+        for key, value in results[None].items():
+            assert results[size][key] == pytest.approx(value, rel=1e-5), (size, key)
+    with pytest.raises(ValueError, match="nll_batch_size"):
+        CausalLMPruningModule(pretrained=str(tmp_path / "tiny"), nll_batch_size=0)
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse(config):
+    """Every config in configs/ is valid for train.py (checked by LightningCLI without loading a model)."""
+    result = train("--config", str(config), "--print_config")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "target_sparsity:" in result.stdout and "pretrained:" in result.stdout
