@@ -94,7 +94,7 @@ def run_row(method: str, preset: str, threads: int, extra: list[str] = ()) -> di
         state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)["callbacks"]
         rounds_done = next(v for k, v in state.items() if k.startswith("RKUPruning"))["records"][-1]["round"]
         resumed_from = {"checkpoint": str(checkpoint), "rounds_done": rounds_done}
-        print(f"{row_id(method, preset)}: resuming after round {resumed_from['rounds_done']} from {checkpoint}")
+        print(f"{row_id(method, preset)}: resuming after round {rounds_done} from {checkpoint}")
         resume = [f"--ckpt_path={checkpoint}"]
     command = train_command(method, preset, [*extra, *resume])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # torch's intra-op threads in the child

@@ -388,7 +388,7 @@ def _structures(peer: dict, rku: dict | None) -> str:
     info = peer["torch_pruning"]
     mine = [(info["kept_query_heads_per_layer"], c) for c in info["kept_mlp_channels_per_layer"]]
     if rku is None:
-        return f"{_per_layer(mine)}"
+        return _per_layer(mine)
     theirs = [(layer["heads"], layer["mlp_channels"]) for layer in rku["report"]["layers"]]
     return "same" if mine == theirs else f"differ: {_per_layer(mine)}; RKU {_per_layer(theirs)}"
 
@@ -412,6 +412,10 @@ def efficiency_section(rows: list[dict]) -> list[str]:
         lines += [f"| {name} | {value:.3f} |" for name, value in ratios.items()]
         lines.append("")
     return lines
+
+
+#: Validation metrics plotted per round, with their axis labels.
+RECOVER_PANELS = {"val/cot_nll": "CoT NLL (nats/token)", "val/gsm8k_acc": "GSM8K accuracy", "val/ood_acc": "OOD (SVAMP) accuracy"}
 
 
 def recover_section(rows: list[dict], plot_path: Path) -> list[str]:
@@ -442,10 +446,6 @@ def recover_section(rows: list[dict], plot_path: Path) -> list[str]:
     fig.savefig(plot_path, dpi=110)
     plt.close(fig)
     return lines + [f"![Validation metrics per round](results/{plot_path.name})", ""]
-
-
-#: Validation metrics plotted per round, with their axis labels.
-RECOVER_PANELS = {"val/cot_nll": "CoT NLL (nats/token)", "val/gsm8k_acc": "GSM8K accuracy", "val/ood_acc": "OOD (SVAMP) accuracy"}
 
 
 def _recover_time(row: dict) -> str:
