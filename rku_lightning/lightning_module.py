@@ -29,6 +29,11 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+def _check_count(name: str, value: Any, alternatives: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1{alternatives}, got {value!r}")
+
+
 class CausalLMPruningModule(LightningModule):
     """Causal-LM fine-tuning with reasoning validation; see the module docstring.
 
@@ -64,10 +69,9 @@ class CausalLMPruningModule(LightningModule):
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if nll_batch_size is not None and (isinstance(nll_batch_size, bool) or not isinstance(nll_batch_size, int) or nll_batch_size < 1):
-            raise ValueError(f"nll_batch_size must be an integer >= 1 or None, got {nll_batch_size!r}")
+        _check_count("max_new_tokens", max_new_tokens)
+        if nll_batch_size is not None:
+            _check_count("nll_batch_size", nll_batch_size, " or None")
         self.save_hyperparameters()
         self.model, self.tokenizer = load_causal_lm(pretrained, dtype=DTYPES[dtype])
         if lora is not None:
