@@ -40,7 +40,8 @@ def commit() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "rku_lightning"], cwd=ROOT, capture_output=True, text=True)
         return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        # A copy of the tree without .git (a lent GPU machine) is told its commit by whoever copied it.
+        return os.environ.get("RKU_COMMIT", "unknown")
 
 
 def environment() -> dict:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,9 +76,17 @@ def train(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
 @pytest.mark.slow
-def test_train_py_end_to_end(tmp_path):
-    result = train("--config", str(write_config(tmp_path)))
+@pytest.mark.parametrize(
+    "accelerator, importance",
+    [("cpu", "rku"), pytest.param("gpu", "rku", marks=GPU), pytest.param("gpu", "flap", marks=GPU)],
+)
+def test_train_py_end_to_end(tmp_path, accelerator, importance):
+    """The whole run; on a GPU too, where every tensor the engine makes must follow the model's device."""
+    result = train("--config", str(write_config(tmp_path)), f"--trainer.accelerator={accelerator}", f"--pruning.importance={importance}")
     assert result.returncode == 0, result.stderr[-4000:]
     out = tmp_path / "outputs" / "tiny"
     for name in OUTPUT_FILES:
@@ -100,8 +109,6 @@ def test_train_py_end_to_end(tmp_path):
     assert "val/gsm8k_acc" in metrics_csv and "prune/sparsity" in metrics_csv and "sparsity" in metrics_csv
     assert list((out / "tensorboard").glob("version_*/events.out.tfevents.*"))
     # The resumable checkpoint is the last round's end: dense weights plus the callback's state.
-    import torch
-
     checkpoint = torch.load(out / "checkpoints" / "round-end.ckpt", weights_only=False)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["round-end.ckpt"]
     state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("RKUPruning"))
