@@ -427,6 +427,9 @@ def recover_section(rows: list[dict], plot_path: Path) -> list[str]:
     lines = ["## Prune and recover (`train.py`, LoRA recovery between rounds)", ""]
     panels = [m for m in RECOVER_PANELS if any(m in x.get("metrics", {}) for r in rows for x in r["report"]["rounds"])]
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.5 * max(len(panels), 1), 4), squeeze=False)
+    # One colour per method and one line style per preset, the same in every panel.
+    colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
+    styles = {p: s for p, s in zip(dict.fromkeys(r["preset"] for r in rows), ("-", "--", ":", "-."))}
     for r in rows:
         records = r["report"]["rounds"]
         lines += [f"**{r['row_id']}**: `{r['train_command']}` ({_recover_time(r)}, commit {r['commit'][:7]})", "",
@@ -434,7 +437,8 @@ def recover_section(rows: list[dict], plot_path: Path) -> list[str]:
         for ax, metric in zip(axes[0], panels):
             points = [(x["sparsity"], x["metrics"][metric]) for x in records if metric in x.get("metrics", {})]
             if points:
-                ax.plot(*zip(*points), marker="o", label=r["row_id"], linewidth=2.5 if r["method"] == "rku" else 1.2)
+                ax.plot(*zip(*points), marker="o", label=r["row_id"], color=colours[r["method"]],
+                        linestyle=styles[r["preset"]], linewidth=2.5 if r["method"] == "rku" else 1.2)
     for preset in dict.fromkeys(r["preset"] for r in rows if "final" in r):
         lines += _recover_final_table([r for r in rows if "final" in r and r["preset"] == preset])
     for ax, metric in zip(axes[0], panels):
@@ -449,7 +453,8 @@ def recover_section(rows: list[dict], plot_path: Path) -> list[str]:
 
 
 def _recover_time(row: dict) -> str:
-    threads = f"threads: {row['threads']}"
+    device = row.get("environment", {}).get("device", "cpu")
+    threads = f"threads: {row['threads']}" + ("" if device == "cpu" else f", on one {device}")
     if row.get("resumed_from"):
         return f"{threads}, {row['compute_s'] / 60:.0f} min over several sittings, resumed after round {row['resumed_from']['rounds_done']}"
     return f"{threads}, {row['wall_s'] / 60:.0f} min"

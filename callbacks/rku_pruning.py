@@ -15,6 +15,7 @@ masks and metrics as an uninterrupted one. Contract for the LightningModule: see
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from rku_lightning.adapters import SUPPORTED_ARCHITECTURES, get_adapter, unwrap_model
 from rku_lightning.compaction import compact
 from rku_lightning.export import save_pruned
+from rku_lightning.files import write_text_atomic
 from rku_lightning.importance import IMPORTANCES
 from rku_lightning.lora import (
     LoRASettings,
@@ -73,7 +75,9 @@ class RKUPruning(Callback):
             injects at setup; `None` injects none (recovery then trains what the module's optimizer
             holds and nothing is merged). Adapters the module injected itself are used as they are.
         export_dir: where rank 0 writes the compacted model with `save_pruned` (atomically).
-        report_dir: where rank 0 writes report.json / report.md / plots after every round.
+        report_dir: where rank 0 writes report.json / report.md / plots after every round, and
+            generations/round-N.jsonl: every validation answer (task, question index, gold and extracted
+            answers, correct, tokens, text), gathered from all ranks.
         compact_at_end: remove masked structures physically after the last round.
         seed: seeds every round (RNG streams and adapter re-initialisation), for resumable runs.
     """
@@ -261,6 +265,19 @@ class RKUPruning(Callback):
         # Every rank holds the same masks, so no sync is needed.
         pl_module.log("sparsity", float(self.pruner.sparsity()))
         pl_module.log("round", float(self.round))
+        self._write_generations(trainer, getattr(pl_module, "validation_generations", []))
+
+    def _write_generations(self, trainer: Trainer, rows: list[dict]) -> None:
+        """Every validation answer of this round, so that an accuracy can be read, not only trusted."""
+        if self.report_dir is None:
+            return
+        if trainer.world_size > 1:  # each rank generated for its own shard of the questions
+            shards: list[list[dict] | None] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(shards, rows)
+            rows = [row for shard in shards for row in shard]
+        if rows and trainer.is_global_zero:
+            lines = "".join(json.dumps(row) + "\n" for row in sorted(rows, key=lambda r: (r["task"], r["index"])))
+            write_text_atomic(self.report_dir / "generations" / f"round-{self.round}.jsonl", lines)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:

@@ -105,7 +105,7 @@ class _SolutionSet(Dataset):
         self.items = []
         for p in problems:
             encoded = encode_solution(tokenizer, p, max_length)
-            self.items.append({"prompt": build_prompt(tokenizer, p.question), "answer": p.answer, **encoded})
+            self.items.append({"prompt": build_prompt(tokenizer, p.question), "answer": p.answer, "index": p.index, **encoded})
 
     def __len__(self) -> int:
         return len(self.items)
@@ -119,7 +119,7 @@ def _collate_solutions(pad_token_id: int) -> Callable[[Sequence[dict]], dict[str
 
     def collate(items: Sequence[dict]) -> dict[str, Any]:
         batch = collate_left([{k: item[k] for k in tensor_keys} for item in items], pad_token_id)
-        return {**batch, "prompt": [item["prompt"] for item in items], "answer": [item["answer"] for item in items]}
+        return {**batch, **{key: [item[key] for item in items] for key in ("prompt", "answer", "index")}}
 
     return collate
 

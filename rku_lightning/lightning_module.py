@@ -18,7 +18,7 @@ from lightning.pytorch import LightningModule
 from .generation import DEFAULT_MAX_NEW_TOKENS, generate_batch, stop_token_ids
 from .loading import load_causal_lm
 from .lora import inject_lora
-from .metrics import ChainOfThoughtNLL, ReasoningAccuracy
+from .metrics import ChainOfThoughtNLL, ReasoningAccuracy, score_answer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IN_DISTRIBUTION, OUT_OF_DISTRIBUTION = 0, 1
@@ -82,6 +82,8 @@ class CausalLMPruningModule(LightningModule):
         self.ood_accuracy = ReasoningAccuracy()
         self.cot_nll = ChainOfThoughtNLL()
         self._eos: list[int] | None = None
+        #: This validation epoch's answers, one dict per question (`RKUPruning` writes them per round).
+        self.validation_generations: list[dict[str, Any]] = []
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(
@@ -121,6 +123,15 @@ class CausalLMPruningModule(LightningModule):
             self.model, self.tokenizer, batch["prompt"], self.hparams.max_new_tokens, eos_token_ids=self._eos
         )
         (self.gsm8k_accuracy if in_distribution else self.ood_accuracy).update(texts, batch["answer"], lengths)
+        task = "gsm8k" if in_distribution else "ood"
+        for index, answer, text, tokens in zip(batch["index"], batch["answer"], texts, lengths):
+            predicted, correct = score_answer(text, answer)
+            self.validation_generations.append(
+                {"task": task, "index": index, "answer": answer, "predicted": predicted, "correct": correct, "tokens": int(tokens), "text": text}
+            )
+
+    def on_validation_epoch_start(self) -> None:
+        self.validation_generations = []
 
     def on_validation_epoch_end(self) -> None:
         # compute() syncs the metrics' sum states across ranks; sync_dist then averages equal values.

@@ -94,6 +94,15 @@ def answers_match(predicted: float | None, gold: float) -> bool:
     return predicted is not None and math.isclose(predicted, gold, rel_tol=1e-6, abs_tol=1e-6)
 
 
+def score_answer(generation: str, answer: float | str) -> tuple[float | None, bool]:
+    """The final answer extracted from one generation, and whether it equals the gold number."""
+    gold = parse_number(answer)
+    if gold is None:
+        raise ValueError(f"answers: {answer!r} is not a number")
+    predicted = extract_answer(generation)
+    return predicted, answers_match(predicted, gold)
+
+
 class ReasoningAccuracy(Metric):
     """Share of generations whose extracted final answer equals the gold number.
 
@@ -121,11 +130,8 @@ class ReasoningAccuracy(Metric):
         if num_tokens is not None and len(num_tokens) != len(generations):
             raise ValueError(f"num_tokens: expected {len(generations)} counts, got {len(num_tokens)}")
         for text, answer in zip(generations, answers):
-            gold = parse_number(answer)
-            if gold is None:
-                raise ValueError(f"answers: {answer!r} is not a number")
-            predicted = extract_answer(text)
-            self.correct += int(answers_match(predicted, gold))
+            predicted, correct = score_answer(text, answer)
+            self.correct += int(correct)
             self.no_answer += int(predicted is None)
             self.chars += len(text)
         self.total += len(generations)

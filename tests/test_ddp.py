@@ -7,6 +7,7 @@ batch; the single-process run calibrates on all of them and trains on the whole 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -45,15 +46,22 @@ class FirstRoundMasks(L.Callback):
             self.masks = _masks(self.rku)
 
 
+class ShardAnswers(TinyLM):
+    """Stands for the answers of a rank's shard of validation questions: one per rank, its index the rank."""
+
+    def on_validation_epoch_start(self):
+        self.validation_generations = [{"task": "gsm8k", "index": self.global_rank, "correct": self.global_rank == 0}]
+
+
 def _worker(rank: int, out: str, port: int) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0"
     )
     torch.set_num_threads(1)
-    rku = pruning(**SETTINGS)
+    rku = pruning(**SETTINGS, report_dir=str(Path(out) / "report"))
     first = FirstRoundMasks(rku)
     trainer = make_trainer(Path(out), [rku, first], strategy="ddp", devices=2)
-    trainer.fit(TinyLM(), TokenData(batch_size=BATCH))
+    trainer.fit(ShardAnswers(), TokenData(batch_size=BATCH))
     torch.save({"masks": _masks(rku), "first": first.masks, "records": rku.records}, Path(out) / f"rank{rank}.pt")
 
 
@@ -66,6 +74,10 @@ def test_ranks_agree_and_match_a_single_process(tmp_path):
     assert [r["round"] for r in ranks[0]["records"]] == [1, 2]
     # Validation metrics are synced: both ranks logged the same value.
     assert ranks[0]["records"][-1]["metrics"] == ranks[1]["records"][-1]["metrics"]
+    # Each round's answers file holds every rank's shard, written once.
+    for round_index in (1, 2):
+        lines = (tmp_path / "report" / "generations" / f"round-{round_index}.jsonl").read_text().splitlines()
+        assert [json.loads(line)["index"] for line in lines] == [0, 1]
 
     # Same calibration data (the union of the shards): the same masks. Later rounds are not compared
     # bit for bit: DDP's averaged gradients differ from one big batch's by float rounding, which can

@@ -102,6 +102,14 @@ def test_train_py_end_to_end(tmp_path, accelerator, importance):
         assert r["params"] > 0 and r["kv_cache_bytes_per_token"] > 0
     assert rounds[2]["params"] < rounds[1]["params"] < rounds[0]["params"]
     assert rounds[0]["time_evaluate_s"] > 0
+    # Every validation answer of every round is kept, and the logged accuracies are their means.
+    for r in rounds:
+        answers = [json.loads(line) for line in (out / "generations" / f"round-{r['round']}.jsonl").read_text().splitlines()]
+        for task, metric in (("gsm8k", "val/gsm8k_acc"), ("ood", "val/ood_acc")):
+            mine = [a for a in answers if a["task"] == task]
+            assert len(mine) == 4 and len({a["index"] for a in mine}) == 4
+            assert sum(a["correct"] for a in mine) / 4 == pytest.approx(r["metrics"][metric])
+            assert all(a["tokens"] <= 4 and isinstance(a["text"], str) for a in mine)
     assert all(r["time_recover_s"] > 0 and r["time_evaluate_s"] > 0 for r in rounds[1:])
     table = (out / "report.md").read_text()
     assert table.count("\n| ") == 4 and "GSM8K acc" in table and "OOD acc" in table  # header + 3 rounds
