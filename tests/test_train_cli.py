@@ -202,3 +202,13 @@ def test_shipped_configs_parse(config):
     result = train("--config", str(config), "--print_config")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "target_sparsity:" in result.stdout and "pretrained:" in result.stdout
+
+
+@pytest.mark.parametrize("preset", ["cpu", "cpu-uniform"])
+def test_recover_presets_parse(preset):
+    """The benchmark's presets are valid overrides of the config they modify."""
+    from benchmarks.recover import CONFIG, PRESETS
+
+    result = train("--config", str(ROOT / CONFIG), *PRESETS[preset], "--print_config")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "rounds: 2" in result.stdout and "val_limit: 32" in result.stdout
