@@ -51,6 +51,16 @@ PRESETS: dict[str, list[str]] = {
     # Uniform allocation (where one-shot pruning kept most accuracy) with answers generated for
     # 32 + 32 questions; the dense model's accuracy on them is in the one-shot rows, so no round 0.
     "cpu-uniform": [*CPU_BUDGET, "--pruning.allocation=uniform", "--data.ood_limit=32", "--evaluate_dense=false"],
+    # The control for it: one round of the same recovery after removing only 0.1 % (the least a
+    # run may target), so that what LoRA recovery alone does to accuracy can be told from pruning.
+    "cpu-recovery-only": [
+        *[o for o in CPU_BUDGET if not o.startswith("--pruning.rounds=")],
+        "--pruning.rounds=1",
+        "--pruning.target_sparsity=0.001",
+        "--pruning.allocation=uniform",
+        "--data.ood_limit=32",
+        "--evaluate_dense=false",
+    ],
 }
 
 
