@@ -100,6 +100,21 @@ def final_scores(method: str, preset: str, threads: int, limit: int = 32) -> dic
     }
 
 
+def keep_generations(method: str, preset: str) -> Path | None:
+    """Copy the run's validation answers (every round) beside the row: accuracy gaps are paired per question."""
+    rounds = sorted((run_dir(method, preset) / "generations").glob("round-*.jsonl"), key=lambda p: int(p.stem.split("-")[1]))
+    if not rounds:
+        return None
+    lines = [
+        json.dumps({"round": int(path.stem.split("-")[1]), **json.loads(line)})
+        for path in rounds
+        for line in path.read_text().splitlines()
+    ]
+    target = row_path(STAGE, row_id(method, preset)).with_suffix(".generations.jsonl")
+    write_text_atomic(target, "\n".join(lines) + "\n")
+    return target
+
+
 def run_row(method: str, preset: str, threads: int, extra: list[str] = ()) -> dict:
     """Run train.py for `method` (resuming an interrupted run) and return the row record (raises if it fails)."""
     checkpoint = latest_checkpoint(method, preset)
@@ -148,7 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     if is_done(STAGE, rid):
         print(f"{rid}: done already")
         return
-    path = write_row(STAGE, rid, run_row(args.method, args.preset, args.threads, extra))
+    record = run_row(args.method, args.preset, args.threads, extra)
+    keep_generations(args.method, args.preset)
+    path = write_row(STAGE, rid, record)
     print(f"{rid}: -> {path}")
 
 

@@ -6,6 +6,7 @@ paired bootstrap on the same questions, so a reader can tell a real gap from noi
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -441,6 +442,7 @@ def recover_section(rows: list[dict], plot_path: Path) -> list[str]:
                         linestyle=styles[r["preset"]], linewidth=2.5 if r["method"] == "rku" else 1.2)
     for preset in dict.fromkeys(r["preset"] for r in rows if "final" in r):
         lines += _recover_final_table([r for r in rows if "final" in r and r["preset"] == preset])
+    lines += _recover_answers_table(rows)
     for ax, metric in zip(axes[0], panels):
         ax.set_xlabel("decoder sparsity after the round's recovery")
         ax.set_ylabel(RECOVER_PANELS[metric])
@@ -458,6 +460,45 @@ def _recover_time(row: dict) -> str:
     if row.get("resumed_from"):
         return f"{threads}, {row['compute_s'] / 60:.0f} min over several sittings, resumed after round {row['resumed_from']['rounds_done']}"
     return f"{threads}, {row['wall_s'] / 60:.0f} min"
+
+
+def _answers(row: dict) -> dict[tuple[int, str], dict[int, bool]]:
+    """A run's kept validation answers: (round, task) -> {question index: correct}."""
+    path = RESULTS / "recover" / f"{row['row_id']}.generations.jsonl"
+    found: dict[tuple[int, str], dict[int, bool]] = defaultdict(dict)
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            answer = json.loads(line)
+            found[(answer["round"], answer["task"])][answer["index"]] = bool(answer["correct"])
+    return found
+
+
+def _recover_answers_table(rows: list[dict]) -> list[str]:
+    """Accuracy per round from the kept answers, with the paired gap to the RKU run of the same preset."""
+    answers = {r["row_id"]: _answers(r) for r in rows}
+    kept = [r for r in rows if answers[r["row_id"]]]
+    if not kept:
+        return []
+    lines = ["Accuracy per round from the kept answers (`<row>.generations.jsonl`; gaps paired per question "
+             "with the RKU run of the same preset, in solved questions):", "",
+             "| row | round | GSM8K | GSM8K − RKU | OOD | OOD − RKU |", "|---|---|---|---|---|---|"]
+    for r in kept:
+        rku = next((x for x in kept if x["method"] == "rku" and x["preset"] == r["preset"] and x is not r), None)
+        for round_index in sorted({k[0] for k in answers[r["row_id"]]}):
+            cells = []
+            for task in ("gsm8k", "ood"):
+                mine = answers[r["row_id"]].get((round_index, task), {})
+                low, high = bootstrap_interval(list(mine.values()))
+                cells.append(f"{sum(mine.values())}/{len(mine)} [{low:.0%}, {high:.0%}]" if mine else "—")
+                theirs = answers[rku["row_id"]].get((round_index, task), {}) if rku else {}
+                if theirs and set(theirs) == set(mine):
+                    gap, low, high = paired_gap([mine[i] for i in sorted(mine)], [theirs[i] for i in sorted(mine)])
+                    n = len(mine)
+                    cells.append(f"{gap * n:+.0f} [{low * n:+.0f}, {high * n:+.0f}]")
+                else:
+                    cells.append("")
+            lines.append(f"| {r['row_id']} | {round_index} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _recover_final_table(rows: list[dict]) -> list[str]:

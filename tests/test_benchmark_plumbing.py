@@ -161,3 +161,37 @@ def test_recover_row_resumes_an_interrupted_run(bench_env, monkeypatch):
     assert [r["round"] for r in rounds] == [0, 1, 2] and rounds[2]["sparsity"] == pytest.approx(0.3, abs=0.03)
     assert record["compute_s"] == pytest.approx(sum(v for r in rounds for k, v in r.items() if k.startswith("time_")), abs=0.1)
     assert record["final"]["gsm8k"]["cot_nll"] > 0
+
+
+def test_recover_keeps_every_rounds_answers_beside_the_row(bench_env, monkeypatch):
+    import benchmarks.recover as recover
+
+    monkeypatch.setattr(recover, "WORK", bench_env / "work")
+    assert recover.keep_generations("rku", "cpu") is None  # a run without generation keeps nothing
+    folder = recover.run_dir("rku", "cpu") / "generations"
+    folder.mkdir(parents=True)
+    for round_index in (10, 2, 0):  # numeric order, not text order
+        answers = [{"task": "gsm8k", "index": i, "correct": i == round_index % 2} for i in range(2)]
+        (folder / f"round-{round_index}.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+    path = recover.keep_generations("rku", "cpu")
+    assert path == common.row_path("recover", "qwen0.5b-rku-cpu").with_suffix(".generations.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["round"], r["index"]) for r in rows] == [(0, 0), (0, 1), (2, 0), (2, 1), (10, 0), (10, 1)]
+    assert [r["correct"] for r in rows] == [True, False] * 3
+    assert common.load_rows("recover") == []  # answers are not rows
+
+
+def test_recover_accuracy_is_paired_per_question_within_a_preset(bench_env):
+    folder = bench_env / "results" / "recover"
+    folder.mkdir(parents=True)
+    solved = {"rku": {0, 1}, "flap": {0, 2, 3}, "other": {0}}  # GSM8K questions 0-3 solved in round 1
+    for name, hits in solved.items():
+        answers = [{"round": 1, "task": "gsm8k", "index": i, "correct": i in hits} for i in range(4)]
+        (folder / f"{name}.generations.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+    rows = [{"row_id": "rku", "method": "rku", "preset": "p"}, {"row_id": "flap", "method": "flap", "preset": "p"},
+            {"row_id": "other", "method": "flap", "preset": "q"}, {"row_id": "none", "method": "rku", "preset": "p"}]
+    table = render._recover_answers_table(rows)
+    flap = next(line for line in table if line.startswith("| flap |"))
+    assert flap.startswith("| flap | 1 | 3/4 [") and "| +1 [" in flap and flap.endswith("| — |  |")  # 3 vs 2 solved, no OOD
+    assert next(line for line in table if line.startswith("| other |")).split(" | ")[3] == ""  # another preset: no gap
+    assert not any(line.startswith("| none |") for line in table)  # a run without kept answers
