@@ -27,6 +27,7 @@ from transformers.initialization import no_init_weights
 
 from .adapters import unwrap_model
 from .compaction import apply_plan
+from .files import share_like_open
 from .loading import prepare_tokenizer
 
 PLAN_FILE = "pruning.json"
@@ -41,10 +42,8 @@ def _write_atomically(out_dir: Path, overwrite: bool, write) -> None:
     try:
         write(tmp)
         # mkdtemp makes a private folder; exports are meant to be shared like save_pretrained's.
-        umask = os.umask(0)
-        os.umask(umask)
         for path in [tmp, *tmp.rglob("*")]:
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+            share_like_open(path)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")
             shutil.rmtree(old, ignore_errors=True)

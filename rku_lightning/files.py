@@ -17,10 +17,18 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def share_like_open(path: Path) -> None:
+    """Give a file or folder the permissions `open`/`mkdir` would have: tempfile makes them private (0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write through a temporary file beside `path` and a rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as handle:
         handle.write(text)
+    share_like_open(Path(handle.name))
     os.replace(handle.name, path)

@@ -152,3 +152,22 @@ def test_export_errors_and_atomicity(tmp_path):
         load_pruned(tmp_path)
     with pytest.raises(ValueError, match="no pruning masks"):
         compact(tiny_model("llama"))
+
+
+def test_exports_and_reports_are_readable_by_others_like_plain_files(tmp_path):
+    """tempfile makes private files (0600/0700); a served or shared export must not stay that way."""
+    import os
+
+    from rku_lightning.files import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        model, _ = pruned("qwen2")
+        compact(model)
+        out = save_pruned(model, tiny_tokenizer(tmp_path), tmp_path / "export")
+        write_text_atomic(tmp_path / "report" / "report.json", "{}")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()} == {0o644}
+    assert (tmp_path / "report" / "report.json").stat().st_mode & 0o777 == 0o644
