@@ -102,13 +102,11 @@ def final_scores(method: str, preset: str, threads: int, limit: int = 32) -> dic
 
 def keep_generations(method: str, preset: str) -> Path | None:
     """Copy the run's validation answers (every round) beside the row: accuracy gaps are paired per question."""
-    rounds = sorted((run_dir(method, preset) / "generations").glob("round-*.jsonl"), key=lambda p: int(p.stem.split("-")[1]))
+    rounds = {int(path.stem.removeprefix("round-")): path for path in (run_dir(method, preset) / "generations").glob("round-*.jsonl")}
     if not rounds:
         return None
     lines = [
-        json.dumps({"round": int(path.stem.split("-")[1]), **json.loads(line)})
-        for path in rounds
-        for line in path.read_text().splitlines()
+        json.dumps({"round": index, **json.loads(line)}) for index in sorted(rounds) for line in rounds[index].read_text().splitlines()
     ]
     target = row_path(STAGE, row_id(method, preset)).with_suffix(".generations.jsonl")
     write_text_atomic(target, "\n".join(lines) + "\n")
