@@ -15,9 +15,9 @@ from pathlib import Path
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
-from callbacks import RKUPruning
-from rku_lightning.datamodule import ReasoningDataModule
-from rku_lightning.lightning_module import CausalLMPruningModule
+from rku_lightning.callbacks import RKUPruning
+from rku_lightning.training.datamodule import ReasoningDataModule
+from rku_lightning.training.lightning_module import CausalLMPruningModule
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"

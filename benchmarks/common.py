@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from rku_lightning.files import write_text_atomic
+from rku_lightning.paths import shared_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "benchmarks" / "work"  # git-ignored scratch: cached statistics, pruned exports
-DATA = Path(os.environ.get("RKU_SHARED_DATA", ROOT.parent / "shared" / "data"))
+DATA = shared_data_dir()
 MODELS = {"qwen0.5b": "embedded:qwen2.5-coder-0.5b-instruct", "smollm2": "embedded:smollm2-135m-instruct"}
 
 

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 from rku_lightning import StructuredPruner, compact, load_causal_lm, load_pruned, save_pruned
-from rku_lightning.calibration import calibration_batches
-from rku_lightning.data import load_problems
+from rku_lightning.evaluation.calibration import calibration_batches
+from rku_lightning.evaluation.data import load_problems
 from rku_lightning.files import sha256_file
 
 from .common import DATA, MODELS, WORK, is_done, write_row

@@ -1,7 +1,7 @@
 """One-shot quality rows: prune the dense model once (no recovery) and measure its reasoning.
 
 Each row runs in its own process (`python -m benchmarks.oneshot --row ROW_ID ...`): load the
-model, prune with the engine, compact, evaluate with `rku_lightning.evaluate.evaluate_model`.
+model, prune with the engine, compact, evaluate with `rku_lightning.evaluation.evaluate.evaluate_model`.
 Calibration statistics are the engine's running sums on a fixed GSM8K-train sample; they are
 computed once per (model, objective, sample) by the first row that needs them and cached under
 `benchmarks/work/`, because every one-shot row starts from the same dense model (the statistics
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from rku_lightning import StructuredPruner, compact, load_causal_lm
-from rku_lightning.calibration import calibration_batches
-from rku_lightning.data import load_problems
-from rku_lightning.evaluate import evaluate_model, nll_columns
+from rku_lightning.evaluation.calibration import calibration_batches
+from rku_lightning.evaluation.data import load_problems
+from rku_lightning.evaluation.evaluate import evaluate_model, nll_columns
 from rku_lightning.files import sha256_file
 
 from .common import DATA, MODELS, WORK, is_done, write_row

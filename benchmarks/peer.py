@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from rku_lightning import StructuredPruner, load_causal_lm
-from rku_lightning.calibration import calibration_batches
-from rku_lightning.data import load_problems
-from rku_lightning.evaluate import evaluate_model, nll_columns
+from rku_lightning.evaluation.calibration import calibration_batches
+from rku_lightning.evaluation.data import load_problems
+from rku_lightning.evaluation.evaluate import evaluate_model, nll_columns
 from rku_lightning.files import sha256_file
 
 from .common import DATA, MODELS, is_done, write_row

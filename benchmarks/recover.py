@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from rku_lightning.data import load_problems
-from rku_lightning.evaluate import evaluate_model, nll_columns
-from rku_lightning.export import load_pruned
+from rku_lightning.evaluation.data import load_problems
+from rku_lightning.evaluation.evaluate import evaluate_model, nll_columns
 from rku_lightning.files import write_text_atomic
+from rku_lightning.pruning.export import load_pruned
 
 from .common import DATA, ROOT, WORK, is_done, row_path, write_row
 

@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
-from rku_lightning.reporting import markdown_table  # noqa: E402
+from rku_lightning.training.reporting import markdown_table  # noqa: E402
 
 from .common import RESULTS, ROOT, load_rows  # noqa: E402
 from .oneshot import ATTENTION_SUFFIXES  # noqa: E402

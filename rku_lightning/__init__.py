@@ -1,9 +1,10 @@
 """rku-lightning: structural pruning of causal LMs by Relative Kinetic Utility."""
 
-from .compaction import compact
-from .export import load_pruned, save_pruned
+from rku_lightning.pruning.compaction import compact
+from rku_lightning.pruning.export import load_pruned, save_pruned
+from rku_lightning.pruning.pruner import PruneReport, StructuredPruner
+
 from .loading import load_causal_lm
-from .pruner import PruneReport, StructuredPruner
 
 __all__ = ["StructuredPruner", "PruneReport", "compact", "save_pruned", "load_pruned", "load_causal_lm"]
 __version__ = "0.1.0"

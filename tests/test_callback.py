@@ -8,11 +8,11 @@ import torch
 from conftest import VOCAB, tiny_batches, tiny_model
 from torch.utils.data import DataLoader
 
-from callbacks import RKUProgressBar, RKUPruning
 from rku_lightning import load_pruned
-from rku_lightning.datamodule import ReasoningDataModule, RecoveryStream, stream_position
-from rku_lightning.lora import has_lora
-from rku_lightning.schedules import sparsity_schedule
+from rku_lightning.callbacks import RKUProgressBar, RKUPruning
+from rku_lightning.pruning.schedules import sparsity_schedule
+from rku_lightning.training.datamodule import ReasoningDataModule, RecoveryStream, stream_position
+from rku_lightning.training.lora import has_lora
 
 LORA = dict(r=2, alpha=4, dropout=0.0)
 
@@ -257,7 +257,7 @@ def test_missing_recovery_data_names_the_field(tmp_path):
 def test_spawned_ddp_is_refused(tmp_path):
     trainer = make_trainer(tmp_path, [pruning()], strategy="ddp_spawn", devices=2)
     with pytest.raises(ValueError, match="strategy"):
-        from callbacks.rku_pruning import _check_strategy
+        from rku_lightning.callbacks.rku_pruning import _check_strategy
 
         _check_strategy(trainer)
 

@@ -7,8 +7,8 @@ import json
 import datasets
 import pytest
 
-from rku_lightning import data
-from rku_lightning.data import Problem, load_problems
+from rku_lightning.evaluation import data
+from rku_lightning.evaluation.data import Problem, load_problems
 
 
 def _write(path, lines: list[str]):

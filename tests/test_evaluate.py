@@ -10,11 +10,12 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 
-from rku_lightning import evaluate
-from rku_lightning.data import Problem, load_problems
-from rku_lightning.evaluate import default_data, evaluate_model, main
-from rku_lightning.metrics import IGNORE_INDEX
-from rku_lightning.prompts import INSTRUCTION, build_prompt, collate_left, encode_solution, select_exemplars
+from rku_lightning.cli import evaluate
+from rku_lightning.cli.evaluate import default_data, main
+from rku_lightning.evaluation.data import Problem, load_problems
+from rku_lightning.evaluation.evaluate import evaluate_model
+from rku_lightning.evaluation.metrics import IGNORE_INDEX
+from rku_lightning.evaluation.prompts import INSTRUCTION, build_prompt, collate_left, encode_solution, select_exemplars
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -173,10 +174,10 @@ def test_cli_rejects_bad_numbers(tmp_path) -> None:
 
 
 def test_pruned_folders_load_through_load_pruned(tmp_path, monkeypatch) -> None:
-    import rku_lightning.export
+    import rku_lightning.pruning.export
 
     (tmp_path / "pruning.json").write_text("{}")
-    monkeypatch.setattr(rku_lightning.export, "load_pruned", lambda source, dtype: ("pruned", source))
+    monkeypatch.setattr(rku_lightning.pruning.export, "load_pruned", lambda source, dtype: ("pruned", source))
     assert evaluate.load_model(str(tmp_path)) == ("pruned", str(tmp_path))
 
 

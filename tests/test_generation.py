@@ -7,16 +7,16 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 from torch.utils.data import DataLoader, DistributedSampler
 
-from rku_lightning.data import Problem
-from rku_lightning.generation import (
+from rku_lightning.evaluation.data import Problem
+from rku_lightning.evaluation.generation import (
     PromptDataset,
     collate_prompts,
     generate_answers,
     generate_batch,
     stop_token_ids,
 )
-from rku_lightning.metrics import ReasoningAccuracy
-from rku_lightning.prompts import encode_prompts
+from rku_lightning.evaluation.metrics import ReasoningAccuracy
+from rku_lightning.evaluation.prompts import encode_prompts
 
 PROMPTS = ["Question: 2+2?\nAnswer:", "Hi", "Question: What is 12 * 3?\nAnswer:"]
 

@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_batches, tiny_model
 
 from rku_lightning import StructuredPruner, compact
-from rku_lightning.lora import (
+from rku_lightning.training.lora import (
     LoRASettings,
     has_lora,
     inject_lora,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import VOCAB, tiny_tokenizer
 
-from rku_lightning.metrics import (
+from rku_lightning.evaluation.metrics import (
     ChainOfThoughtNLL,
     ReasoningAccuracy,
     TextPerplexity,

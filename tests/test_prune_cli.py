@@ -1,4 +1,4 @@
-"""`python -m rku_lightning.prune` end to end on a tiny saved model and the local GSM8K data."""
+"""`python -m rku_lightning.cli.prune` end to end on a tiny saved model and the local GSM8K data."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 
 from rku_lightning import load_pruned
-from rku_lightning.calibration import calibration_batches, sample_problems
-from rku_lightning.data import load_problems
-from rku_lightning.prune import main
+from rku_lightning.cli.prune import main
+from rku_lightning.evaluation.calibration import calibration_batches, sample_problems
+from rku_lightning.evaluation.data import load_problems
 
 
 @pytest.fixture

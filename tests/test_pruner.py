@@ -10,8 +10,8 @@ from conftest import tiny_batches, tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from rku_lightning import StructuredPruner
-from rku_lightning.allocation import LayerOffer, Step, fill_pool
-from rku_lightning.importance import IMPORTANCES
+from rku_lightning.pruning.allocation import LayerOffer, Step, fill_pool
+from rku_lightning.pruning.importance import IMPORTANCES
 
 METHODS = sorted(IMPORTANCES)
 

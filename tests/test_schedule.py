@@ -2,7 +2,7 @@
 
 import pytest
 
-from rku_lightning.schedules import SCHEDULES, sparsity_at, sparsity_schedule
+from rku_lightning.pruning.schedules import SCHEDULES, sparsity_at, sparsity_schedule
 
 
 def test_cubic_matches_formula():

@@ -65,7 +65,7 @@ trainer:
   log_every_n_steps: 1
   enable_model_summary: false
   callbacks:
-    - class_path: callbacks.RKUProgressBar
+    - class_path: rku_lightning.callbacks.RKUProgressBar
 """
     path = tmp_path / "tiny.yaml"
     path.write_text(config)
@@ -156,8 +156,8 @@ def test_validation_without_generation_measures_nll_only(tmp_path, generate):
     """`model.generate: false` is the cheap per-round check: CoT NLL, no answers and so no accuracy."""
     import lightning as L
 
-    from rku_lightning.datamodule import ReasoningDataModule
-    from rku_lightning.lightning_module import CausalLMPruningModule
+    from rku_lightning.training.datamodule import ReasoningDataModule
+    from rku_lightning.training.lightning_module import CausalLMPruningModule
 
     write_config(tmp_path)  # writes the tiny model and data
     data = tmp_path / "data"
@@ -176,8 +176,8 @@ def test_validation_scores_nll_in_slices_with_the_same_result(tmp_path):
     """`nll_batch_size` bounds the logits held at once (GBs for a real vocabulary) without changing the NLL."""
     import lightning as L
 
-    from rku_lightning.datamodule import ReasoningDataModule
-    from rku_lightning.lightning_module import CausalLMPruningModule
+    from rku_lightning.training.datamodule import ReasoningDataModule
+    from rku_lightning.training.lightning_module import CausalLMPruningModule
 
     write_config(tmp_path)
     data = tmp_path / "data"

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .adapters import ModelAdapter
+from .families import ModelAdapter
 
 Objective = Callable[[ModelAdapter, dict[str, torch.Tensor]], torch.Tensor]
 

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .adapters import ModelAdapter
+from .families import ModelAdapter
 from .structures import ATTN_IN, DOWN_IN, MLP_IN, O_IN
 
 Recorder = Callable[[str, int, torch.Tensor], None]

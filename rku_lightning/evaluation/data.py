@@ -16,7 +16,8 @@ from pathlib import Path
 
 import datasets
 
-from .files import sha256_file
+from rku_lightning.files import sha256_file
+
 from .metrics import parse_number
 
 TASKS = ("gsm8k", "svamp", "jsonl")

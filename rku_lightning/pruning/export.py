@@ -25,10 +25,11 @@ from transformers import (
 )
 from transformers.initialization import no_init_weights
 
-from .adapters import unwrap_model
+from rku_lightning.files import share_like_open
+from rku_lightning.loading import prepare_tokenizer
+
 from .compaction import apply_plan
-from .files import share_like_open
-from .loading import prepare_tokenizer
+from .families import unwrap_model
 
 PLAN_FILE = "pruning.json"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapters import LayerView, ModelAdapter, base_linear, get_adapter, unwrap_model
+from .families import LayerView, ModelAdapter, base_linear, get_adapter, unwrap_model
 
 
 def _slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:

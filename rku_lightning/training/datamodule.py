@@ -13,7 +13,6 @@ The tokenizer is the LightningModule's `tokenizer` unless one is given.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -24,20 +23,15 @@ from lightning.pytorch import LightningDataModule, Trainer
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
-from .calibration import calibration_batches
-from .data import TASKS, Problem, load_problems
-from .generation import PromptDataset, collate_prompts
-from .prompts import build_prompt, collate_left, encode_solution
+from rku_lightning.evaluation.calibration import calibration_batches
+from rku_lightning.evaluation.data import TASKS, Problem, load_problems
+from rku_lightning.evaluation.generation import PromptDataset, collate_prompts
+from rku_lightning.evaluation.prompts import build_prompt, collate_left, encode_solution
+from rku_lightning.paths import shared_data_dir
 
 CALIBRATION_TEXTS = ("solutions", "questions")
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 #: Room the solution needs after the prompt; longer prompts are dropped from training data.
 MIN_SOLUTION_TOKENS = 32
-
-
-def shared_data_dir() -> Path:
-    """The local data folder (`RKU_SHARED_DATA`, else `../shared/data` beside the project)."""
-    return Path(os.environ.get("RKU_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
 
 
 def _looks_local(source: str) -> bool:

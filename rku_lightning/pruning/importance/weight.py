@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters import LayerView
-from ..statistics import CalibrationStatistics
-from ..structures import UNIT_KINDS, UnitKind, num_units, unit_sums
+from rku_lightning.pruning.families import LayerView
+from rku_lightning.pruning.statistics import CalibrationStatistics
+from rku_lightning.pruning.structures import UNIT_KINDS, UnitKind, num_units, unit_sums
+
 from .base import Importance
 
 

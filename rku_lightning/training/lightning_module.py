@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 
-from .generation import DEFAULT_MAX_NEW_TOKENS, generate_batch, stop_token_ids
-from .loading import load_causal_lm
+from rku_lightning.evaluation.generation import DEFAULT_MAX_NEW_TOKENS, generate_batch, stop_token_ids
+from rku_lightning.evaluation.metrics import ChainOfThoughtNLL, ReasoningAccuracy, score_answer
+from rku_lightning.loading import load_causal_lm
+
 from .lora import inject_lora
-from .metrics import ChainOfThoughtNLL, ReasoningAccuracy, score_answer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IN_DISTRIBUTION, OUT_OF_DISTRIBUTION = 0, 1

@@ -21,7 +21,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import cast_adapter_dtype
 from torch import nn
 
-from .adapters import get_adapter, unwrap_model
+from rku_lightning.pruning.families import get_adapter, unwrap_model
 
 ADAPTER = "default"
 

@@ -1,6 +1,6 @@
 """One-shot pruning without training: load, calibrate, prune, compact, export, and print a summary.
 
-    python -m rku_lightning.prune --model embedded:qwen2.5-coder-0.5b-instruct --sparsity 0.4 \\
+    python -m rku_lightning.cli.prune --model embedded:qwen2.5-coder-0.5b-instruct --sparsity 0.4 \\
         --importance rku --allocation global --calibration ../shared/data/gsm8k/train.jsonl \\
         --samples 128 --out outputs/qwen-rku-40
 """
@@ -8,28 +8,24 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from .calibration import calibration_batches
-from .compaction import compact
-from .data import load_problems
-from .export import save_pruned
-from .importance import IMPORTANCES
-from .loading import load_causal_lm
-from .objectives import OBJECTIVES
-from .pruner import ALLOCATIONS, ATTENTION_MODES, StructuredPruner
-
-DEFAULT_CALIBRATION = Path(
-    os.environ.get("RKU_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-) / "gsm8k" / "train.jsonl"
+from rku_lightning.evaluation.calibration import calibration_batches
+from rku_lightning.evaluation.data import load_problems
+from rku_lightning.loading import load_causal_lm
+from rku_lightning.paths import task_file
+from rku_lightning.pruning.compaction import compact
+from rku_lightning.pruning.export import save_pruned
+from rku_lightning.pruning.importance import IMPORTANCES
+from rku_lightning.pruning.objectives import OBJECTIVES
+from rku_lightning.pruning.pruner import ALLOCATIONS, ATTENTION_MODES, StructuredPruner
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m rku_lightning.prune", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rku_lightning.cli.prune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="hub id, folder, .gguf file or embedded:NAME")
     parser.add_argument("--sparsity", type=float, required=True, help="fraction of decoder-layer parameters to remove, in [0, 1)")
     parser.add_argument("--importance", default="rku", choices=sorted(IMPORTANCES))
@@ -37,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--objective", default="ce", choices=sorted(OBJECTIVES))
     parser.add_argument("--attention", default="groups", choices=ATTENTION_MODES)
     parser.add_argument("--min-mlp-keep", type=float, default=0.1)
-    parser.add_argument("--calibration", default=str(DEFAULT_CALIBRATION), help="GSM8K-style JSONL path or hub id")
+    parser.add_argument("--calibration", default=str(task_file("gsm8k", "train")), help="GSM8K-style JSONL path or hub id")
     parser.add_argument("--calibration-task", default="gsm8k", choices=("gsm8k", "svamp", "jsonl"))
     parser.add_argument(
         "--samples", type=int, default=128,

@@ -28,12 +28,15 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from rku_lightning.adapters import SUPPORTED_ARCHITECTURES, get_adapter, unwrap_model
-from rku_lightning.compaction import compact
-from rku_lightning.export import save_pruned
 from rku_lightning.files import write_text_atomic
-from rku_lightning.importance import IMPORTANCES
-from rku_lightning.lora import (
+from rku_lightning.pruning.compaction import compact
+from rku_lightning.pruning.export import save_pruned
+from rku_lightning.pruning.families import SUPPORTED_ARCHITECTURES, get_adapter, unwrap_model
+from rku_lightning.pruning.importance import IMPORTANCES
+from rku_lightning.pruning.objectives import OBJECTIVES
+from rku_lightning.pruning.pruner import ALLOCATIONS, ATTENTION_MODES, PruneReport, StructuredPruner
+from rku_lightning.pruning.schedules import check_schedule, sparsity_at
+from rku_lightning.training.lora import (
     LoRASettings,
     has_lora,
     inject_lora,
@@ -42,9 +45,6 @@ from rku_lightning.lora import (
     remove_lora_,
     reset_optimizer_state_,
 )
-from rku_lightning.objectives import OBJECTIVES
-from rku_lightning.pruner import ALLOCATIONS, ATTENTION_MODES, PruneReport, StructuredPruner
-from rku_lightning.schedules import check_schedule, sparsity_at
 
 PHASES = ("calibrate", "recover", "evaluate", "done")
 DEFAULT_LORA: dict[str, Any] = {"r": 16, "alpha": 32, "dropout": 0.05}
@@ -397,7 +397,7 @@ class RKUPruning(Callback):
     def _write_reports(self, trainer: Trainer) -> None:
         if self.report_dir is None or not trainer.is_global_zero:
             return
-        from rku_lightning.reporting import write_reports
+        from rku_lightning.training.reporting import write_reports
 
         write_reports(self.records, self.report_dir, run=self.summary())
 

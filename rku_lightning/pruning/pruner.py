@@ -15,7 +15,6 @@ from typing import Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import LayerView, get_adapter, unwrap_model
 from .allocation import (
     LayerOffer,
     fill_pool,
@@ -24,6 +23,7 @@ from .allocation import (
     max_removable,
     mlp_steps,
 )
+from .families import LayerView, get_adapter, unwrap_model
 from .gates import StructureGates
 from .importance import Importance, get_importance
 from .objectives import get_objective

@@ -7,9 +7,9 @@ from typing import ClassVar
 
 import torch
 
-from ..adapters import LayerView
-from ..statistics import CalibrationStatistics
-from ..structures import UnitKind
+from rku_lightning.pruning.families import LayerView
+from rku_lightning.pruning.statistics import CalibrationStatistics
+from rku_lightning.pruning.structures import UnitKind
 
 IMPORTANCES: dict[str, type["Importance"]] = {}
 

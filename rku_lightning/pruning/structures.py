@@ -13,7 +13,7 @@ from typing import Callable, Literal
 
 import torch
 
-from .adapters import LayerView, base_linear
+from .families import LayerView, base_linear
 
 UnitKind = Literal["mlp", "head", "group"]
 UNIT_KINDS: tuple[str, ...] = ("mlp", "head", "group")

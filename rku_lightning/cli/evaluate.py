@@ -1,0 +1,158 @@
+"""``python -m rku_lightning.cli.evaluate``: the reasoning metrics of one model, as a JSON report and a JSONL file.
+
+Outputs are written atomically: a JSON report with every metric, the model source, the data file
+(path, sha256) and the indices evaluated, and a JSONL file with one line per question saying what
+the model wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rku_lightning.evaluation.data import TASKS, Problem, load_problems
+from rku_lightning.evaluation.evaluate import evaluate_model
+from rku_lightning.evaluation.generation import DEFAULT_MAX_NEW_TOKENS
+from rku_lightning.evaluation.prompts import select_exemplars
+from rku_lightning.files import write_text_atomic
+from rku_lightning.paths import task_file
+from rku_lightning.pruning.export import PLAN_FILE
+
+
+def default_data(task: str) -> Path:
+    """The shared copy of the task's test set (``RKU_SHARED_DATA`` points at the data folder)."""
+    if task == "jsonl":
+        raise ValueError("data: --task jsonl has no default data file; pass --data PATH_OR_HUB_ID")
+    return task_file(task, "test")
+
+
+def load_model(source: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A pruned export folder (it holds pruning.json) through `load_pruned`, anything else through `load_causal_lm`."""
+    if (Path(source) / PLAN_FILE).is_file():
+        from rku_lightning.pruning.export import load_pruned
+
+        return load_pruned(source, dtype=dtype)
+    from rku_lightning.loading import load_causal_lm
+
+    return load_causal_lm(source, dtype=dtype)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m rku_lightning.cli.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="hub id, local folder, .gguf, embedded:NAME or a pruned export folder")
+    parser.add_argument("--task", choices=TASKS, default="gsm8k")
+    parser.add_argument("--data", help="JSONL file, folder with {split}.jsonl, or datasets hub id (default: shared test set)")
+    parser.add_argument("--split", help="split of a folder or hub dataset (default: test)")
+    parser.add_argument("--question-field")
+    parser.add_argument("--answer-field")
+    parser.add_argument("--solution-field")
+    parser.add_argument("--limit", type=int, help="evaluate the first N problems")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--few-shot", type=int, default=0, help="number of solved exemplars in each prompt")
+    parser.add_argument("--few-shot-data", help="where exemplars come from (default: the train split beside --data)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the exemplar draw")
+    parser.add_argument("--no-generate", action="store_true", help="skip generation (NLL and perplexity only)")
+    parser.add_argument("--no-nll", action="store_true", help="skip CoT NLL and perplexity")
+    parser.add_argument("--max-length", type=int, default=1024, help="token limit of scored sequences")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--json", required=True, type=Path, help="report file; predictions go beside it as .predictions.jsonl")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (fewer than cores avoids oversubscription)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _predictions_path(report: Path) -> Path:
+    return report.with_name(report.stem + ".predictions.jsonl")
+
+
+def _print_table(metrics: dict) -> None:
+    width = max(len(key) for key in metrics)
+    print(f"{'metric':<{width}}  value")
+    for key, value in metrics.items():
+        shown = "-" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+        print(f"{key:<{width}}  {shown}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    for name in ("limit", "batch_size", "max_new_tokens", "max_length", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"--{name.replace('_', '-')}: must be a positive integer, got {value}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = args.data or str(default_data(args.task))
+    fields = dict(question_field=args.question_field, answer_field=args.answer_field, solution_field=args.solution_field)
+    problems = load_problems(data, args.task, split=args.split, limit=args.limit, **fields)
+    exemplars: list[Problem] = []
+    if args.few_shot:
+        pool_source = args.few_shot_data or (
+            str(Path(problems.path).with_name("train.jsonl")) if problems.path else data
+        )
+        pool = load_problems(pool_source, args.task, split="train", **fields)
+        exemplars = select_exemplars(pool.problems, args.few_shot, args.seed, exclude=problems.problems)
+
+    started = time.perf_counter()
+    model, tokenizer = load_model(args.model, getattr(torch, args.dtype))
+    load_s = time.perf_counter() - started
+    result = evaluate_model(
+        model,
+        tokenizer,
+        problems.problems,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        exemplars=exemplars,
+        generate=not args.no_generate,
+        nll=not args.no_nll,
+        max_length=args.max_length,
+        progress=not args.no_progress,
+    )
+    predictions_path = _predictions_path(args.json)
+    report = {
+        "model": args.model,
+        "task": args.task,
+        "data": problems.provenance(),
+        "indices": [p.index for p in problems],
+        "skipped_records": problems.skipped,
+        "settings": {
+            "batch_size": args.batch_size,
+            "max_new_tokens": args.max_new_tokens,
+            "max_length": args.max_length,
+            "few_shot": args.few_shot,
+            "few_shot_indices": [e.index for e in exemplars],
+            "seed": args.seed,
+            "dtype": args.dtype,
+            "decoding": "greedy",
+        },
+        "metrics": result["metrics"],
+        "predictions_file": predictions_path.name,
+        "model_load_s": round(load_s, 2),
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "command": "python -m rku_lightning.cli.evaluate " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    if result["predictions"]:
+        write_text_atomic(predictions_path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in result["predictions"]))
+    else:
+        report["predictions_file"] = None
+    write_text_atomic(args.json, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    _print_table(result["metrics"])
+    print(f"report: {args.json}" + (f"\npredictions: {predictions_path}" if result["predictions"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Reasoning tasks and their measurement: problem data, prompts, generation, metrics, calibration batches."""

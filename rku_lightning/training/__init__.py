@@ -1,0 +1,1 @@
+"""Lightning training pieces: the LightningModule, the DataModule, LoRA recovery and run reports."""
