@@ -98,8 +98,13 @@ def test_train_py_end_to_end(tmp_path, accelerator, importance):
     assert [r["round"] for r in rounds] == [0, 1, 2] and report["run"]["target_sparsity"] == 0.3
     assert rounds[0]["sparsity"] == 0 and rounds[-1]["sparsity"] == pytest.approx(0.3, abs=0.03)
     for r in rounds:
-        assert set(r["metrics"]) == {"val/gsm8k_acc", "val/cot_nll", "val/cot_nll_reasoning", "val/cot_nll_other", "val/ood_acc"}
+        assert set(r["metrics"]) == {"val/gsm8k_acc", "val/cot_nll", "val/cot_nll_reasoning", "val/cot_nll_other", "val/ood_acc",
+                                     "val/kl_to_dense", "val/kl_to_dense_gold"}
         assert r["params"] > 0 and r["kv_cache_bytes_per_token"] > 0
+    # Fidelity to the dense model: none before pruning, some after.
+    assert rounds[0]["metrics"]["val/kl_to_dense"] == pytest.approx(0, abs=1e-6)
+    assert rounds[0]["metrics"]["val/kl_to_dense_gold"] == pytest.approx(0, abs=1e-6)
+    assert all(r["metrics"]["val/kl_to_dense"] > 1e-4 and r["metrics"]["val/kl_to_dense_gold"] > 1e-4 for r in rounds[1:])
     assert rounds[2]["params"] < rounds[1]["params"] < rounds[0]["params"]
     assert rounds[0]["time_evaluate_s"] > 0
     # Every validation answer of every round is kept, and the logged accuracies are their means.
@@ -122,6 +127,8 @@ def test_train_py_end_to_end(tmp_path, accelerator, importance):
     state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("RKUPruning"))
     assert state["round"] == 2 and state["phase"] == "done" and len(state["records"]) == 3
     assert sum(v.numel() for k, v in checkpoint["state_dict"].items() if "lora_" not in k) > rounds[0]["params"] - 100
+    # The frozen teacher (kl_to_dense) never enters a checkpoint: one model's worth of weights, no more.
+    assert sum(v.numel() for k, v in checkpoint["state_dict"].items() if "lora_" not in k) < rounds[0]["params"] + 100
     model_dir = out / "model"
     assert (model_dir / "pruning.json").is_file() and (model_dir / "model.safetensors").is_file()
     from rku_lightning import load_pruned
@@ -168,7 +175,7 @@ def test_validation_without_generation_measures_nll_only(tmp_path, generate):
     )
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     metrics = {key.split("/dataloader_idx")[0] for result in trainer.validate(module, datamodule, verbose=False) for key in result}
-    nll = {"val/cot_nll", "val/cot_nll_reasoning", "val/cot_nll_other"}
+    nll = {"val/cot_nll", "val/cot_nll_reasoning", "val/cot_nll_other", "val/kl_to_dense", "val/kl_to_dense_gold"}
     assert metrics == (nll | {"val/gsm8k_acc", "val/ood_acc"} if generate else nll)
 
 

@@ -1,4 +1,4 @@
-"""Reasoning metrics: final-answer accuracy, chain-of-thought NLL split by token class, perplexity.
+"""Reasoning metrics: final-answer accuracy, chain-of-thought NLL split by token class, perplexity, KL to a reference.
 
 All metric states are sums (``dist_reduce_fx="sum"``), so torchmetrics syncs them across DDP ranks and
 two metric objects can be merged with ``merge_state``. The rules are documented in docs/evaluation.md.
@@ -303,6 +303,53 @@ class ChainOfThoughtNLL(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         return summarise_nll(self.sums)
+
+
+def token_kl(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Forward KL(teacher || student) at `temperature`, one value per labelled position (1-D, fp32).
+
+    Positions follow `token_nll`: position t predicts the token at t + 1 and counts where
+    ``labels[:, t + 1] != -100``. Only those rows are softmaxed, so a prompt-masked batch of a
+    150k-token vocabulary costs its answer tokens, not its whole length.
+    """
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher/student logits: shapes differ ({tuple(teacher_logits.shape)} vs {tuple(student_logits.shape)}); "
+            "the reference model must share the tokenizer and vocabulary"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    valid = labels[:, 1:] != IGNORE_INDEX
+    teacher = F.log_softmax(teacher_logits[:, :-1][valid].float() / temperature, dim=-1)
+    student = F.log_softmax(student_logits[:, :-1][valid].float() / temperature, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
+
+
+class KLToReference(Metric):
+    """Teacher-forced mean KL(reference || model) per token: how far a pruned model drifted from the dense one.
+
+    Unlike the CoT NLL of gold text, it cannot be lowered by learning a dataset's format: it is 0 only
+    where the model predicts exactly what the dense model predicted.
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("kl_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, reference_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        kl = token_kl(reference_logits, logits, labels)
+        self.kl_sum += kl.double().sum()
+        self.tokens += kl.numel()
+
+    def compute(self) -> torch.Tensor:
+        return (self.kl_sum / self.tokens).float() if self.tokens > 0 else torch.tensor(float("nan"))
 
 
 class TextPerplexity(Perplexity):

@@ -30,8 +30,8 @@ def uses_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 def gold_solution(problem: Problem) -> str:
-    """The target text for a problem: its worked solution, or just ``#### N`` when it has none."""
-    if problem.solution:
+    """The target text for a problem: its worked solution (a trace may be empty), or ``#### N`` when it has none."""
+    if problem.solution is not None:
         return problem.solution
     answer = int(problem.answer) if float(problem.answer).is_integer() else problem.answer
     return f"#### {answer}"

@@ -1,11 +1,15 @@
 """`CausalLMPruningModule`: the standard LightningModule for prune-and-recover runs.
 
 It holds a Hugging Face causal LM as `model` (the contract `RKUPruning` needs) and its tokenizer as
-`tokenizer`; trains with the causal-LM loss on prompt-masked chains of thought (labels -100 on the
-prompt); optimizes whatever requires gradients (the LoRA adapters that `RKUPruning` or `lora`
+`tokenizer`; trains on prompt-masked chains of thought (labels -100 on the prompt) with the causal-LM
+loss (`recovery="ce"`) or by distillation from a frozen copy of the dense model (`recovery="kd"`,
+forward KL on the answer tokens; `training.distillation`); optimizes whatever requires gradients (the LoRA adapters that `RKUPruning` or `lora`
 injected) with AdamW; and validates with the reasoning metrics: greedy-answer accuracy on the
 in-distribution set (dataloader 0), teacher-forced CoT NLL split into reasoning/other tokens on the
-same set, and greedy-answer accuracy on an out-of-distribution set (dataloader 1, optional).
+same set, greedy-answer accuracy on an out-of-distribution set (dataloader 1, optional) and, with
+`kl_to_dense`, the teacher-forced KL(dense || model) per token on the dense model's own answers
+(`val/kl_to_dense`, when the validation batches carry them) and on the gold solutions
+(`val/kl_to_dense_gold`): the fidelity metric that recovery cannot game by learning a format.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ import torch
 from lightning.pytorch import LightningModule
 
 from rku_lightning.evaluation.generation import DEFAULT_MAX_NEW_TOKENS, generate_batch, stop_token_ids
-from rku_lightning.evaluation.metrics import ChainOfThoughtNLL, ReasoningAccuracy, score_answer
+from rku_lightning.evaluation.metrics import ChainOfThoughtNLL, KLToReference, ReasoningAccuracy, score_answer
 from rku_lightning.loading import load_causal_lm
 
+from .distillation import RECOVERIES, Recovery, Teacher, check_distillation, distillation_loss
 from .lora import inject_lora
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -51,6 +56,13 @@ class CausalLMPruningModule(LightningModule):
             validation batch are (batch, length, vocabulary) floats, twice over with the log-softmax:
             16 x 384 tokens of Qwen2.5's 151,936-token vocabulary is 7.5 GB, enough to run a 24 GB
             machine out of memory after training has fragmented its heap. `None` scores the batch at once.
+        recovery: `ce` (cross-entropy on the batch's labelled tokens) or `kd` (distillation from the dense
+            teacher; see `training.distillation`).
+        kd_temperature, kd_alpha: the distillation temperature T > 0 and the weight in [0, 1] of
+            cross-entropy mixed into the KD loss.
+        kl_to_dense: log `val/kl_to_dense` (needs the teacher too).
+        teacher_dtype: dtype of the frozen teacher (default: `dtype`); `bfloat16` halves its memory.
+        teacher_device: where the teacher lives (default: beside the model), e.g. `cuda:1`.
     """
 
     def __init__(
@@ -64,6 +76,12 @@ class CausalLMPruningModule(LightningModule):
         generate: bool = True,
         gradient_checkpointing: bool = False,
         nll_batch_size: int | None = 4,
+        recovery: Recovery = "ce",
+        kd_temperature: float = 1.0,
+        kd_alpha: float = 0.0,
+        kl_to_dense: bool = True,
+        teacher_dtype: str | None = None,
+        teacher_device: str | None = None,
     ):
         super().__init__()
         if dtype not in DTYPES:
@@ -73,8 +91,17 @@ class CausalLMPruningModule(LightningModule):
         _check_count("max_new_tokens", max_new_tokens)
         if nll_batch_size is not None:
             _check_count("nll_batch_size", nll_batch_size, " or None")
+        if recovery not in RECOVERIES:
+            raise ValueError(f"recovery must be one of {RECOVERIES}, got {recovery!r}")
+        check_distillation(kd_temperature, kd_alpha)
+        if teacher_dtype is not None and teacher_dtype not in DTYPES:
+            raise ValueError(f"teacher_dtype must be one of {sorted(DTYPES)} or None, got {teacher_dtype!r}")
         self.save_hyperparameters()
         self.model, self.tokenizer = load_causal_lm(pretrained, dtype=DTYPES[dtype])
+        #: The dense model as loaded, before pruning or LoRA (None when neither KD nor kl_to_dense needs it).
+        self.teacher: Teacher | None = None
+        if recovery == "kd" or kl_to_dense:
+            self.teacher = Teacher(self.model, DTYPES[teacher_dtype] if teacher_dtype else None, teacher_device)
         if lora is not None:
             inject_lora(self.model, lora)
         if gradient_checkpointing:
@@ -82,6 +109,8 @@ class CausalLMPruningModule(LightningModule):
         self.gsm8k_accuracy = ReasoningAccuracy()
         self.ood_accuracy = ReasoningAccuracy()
         self.cot_nll = ChainOfThoughtNLL()
+        self.kl_to_dense = KLToReference()
+        self.kl_to_dense_gold = KLToReference()
         self._eos: list[int] | None = None
         #: This validation epoch's answers, one dict per question (`RKUPruning` writes them per round).
         self.validation_generations: list[dict[str, Any]] = []
@@ -91,19 +120,42 @@ class CausalLMPruningModule(LightningModule):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
         ).logits
 
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to_device(self.device)
+
+    def on_validation_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to_device(self.device)
+
     def on_train_start(self) -> None:
         # Loaders return models in eval mode and Lightning keeps module modes: LoRA dropout needs train mode.
         self.model.train()
 
+    def _teacher_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        assert self.teacher is not None
+        return self.teacher.logits(input_ids, attention_mask, position_ids(attention_mask))
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=position_ids(batch["attention_mask"]),
-            labels=batch["labels"],
-        ).loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        size = batch["input_ids"].shape[0]
+        if self.hparams.recovery == "ce":
+            loss = self.model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                position_ids=position_ids(batch["attention_mask"]),
+                labels=batch["labels"],
+            ).loss
+        else:
+            logits = self(batch["input_ids"], batch["attention_mask"])
+            teacher = self._teacher_logits(batch["input_ids"], batch["attention_mask"])
+            parts = distillation_loss(logits, teacher, batch["labels"], self.hparams.kd_temperature, self.hparams.kd_alpha)
+            loss = parts["loss"]
+            self.log_dict({"train/kd": parts["kd"], "train/ce": parts["ce"]}, batch_size=size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
+
+    def _update_kl(self, metric: KLToReference, part: dict[str, torch.Tensor], logits: torch.Tensor) -> None:
+        metric.update(self._teacher_logits(part["input_ids"], part["attention_mask"]), logits, part["labels"])
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         in_distribution = dataloader_idx == IN_DISTRIBUTION
@@ -115,7 +167,18 @@ class CausalLMPruningModule(LightningModule):
                 with torch.no_grad():
                     logits = self(part["input_ids"], part["attention_mask"])
                 self.cot_nll.update(logits, part["labels"], part["reasoning_mask"])
+                if self.hparams.kl_to_dense:
+                    self._update_kl(self.kl_to_dense_gold, part, logits)
                 del logits  # free this slice's logits before the next forward allocates its own
+        if in_distribution and self.hparams.kl_to_dense and "ref_input_ids" in batch:
+            size = len(batch["ref_input_ids"])
+            step = self.hparams.nll_batch_size or size
+            for start in range(0, size, step):
+                part = {k: batch[f"ref_{k}"][start : start + step] for k in ("input_ids", "attention_mask", "labels")}
+                with torch.no_grad():
+                    logits = self(part["input_ids"], part["attention_mask"])
+                self._update_kl(self.kl_to_dense, part, logits)
+                del logits
         if not self.hparams.generate:
             return
         if self._eos is None:
@@ -144,10 +207,13 @@ class CausalLMPruningModule(LightningModule):
                 self.log(f"val/cot_{key}", nll[key], sync_dist=True)
         if self.ood_accuracy.update_called:
             self.log("val/ood_acc", self.ood_accuracy.compute()["accuracy"], sync_dist=True)
+        for name, metric in (("val/kl_to_dense", self.kl_to_dense), ("val/kl_to_dense_gold", self.kl_to_dense_gold)):
+            if metric.update_called:
+                self.log(name, metric.compute(), prog_bar=name == "val/kl_to_dense", sync_dist=True)
         # States re-created under `trainer.validate`'s inference mode could not be updated in a later
         # `fit` validation (no inference mode there): make them normal tensors.
         with torch.inference_mode(False):
-            for metric in (self.gsm8k_accuracy, self.cot_nll, self.ood_accuracy):
+            for metric in (self.gsm8k_accuracy, self.cot_nll, self.ood_accuracy, self.kl_to_dense, self.kl_to_dense_gold):
                 metric.reset()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

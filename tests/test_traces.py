@@ -1,0 +1,107 @@
+"""Self-generated traces: generation, the on-disk cache (hit, miss, invalidation), filtering."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+
+from rku_lightning.evaluation.data import Problem
+from rku_lightning.evaluation.prompts import encode_solution
+from rku_lightning.evaluation.traces import Trace, as_problems, cached_traces, model_digest
+
+PROBLEMS = [Problem(question=f"What is {a} + {a}?", solution=f"#### {2 * a}", answer=float(2 * a), index=i) for i, a in enumerate(range(1, 6))]
+
+
+@pytest.fixture
+def lm(tmp_path):
+    return tiny_model("llama"), tiny_tokenizer(tmp_path)
+
+
+def _run(lm, tmp_path, problems=PROBLEMS, **kwargs):
+    model, tokenizer = lm
+    return cached_traces(model, tokenizer, problems, max_new_tokens=kwargs.pop("max_new_tokens", 6), batch_size=2,
+                         folder=tmp_path / "traces", progress=False, **kwargs)
+
+
+def test_miss_generates_and_writes_then_hit_reads_the_same(lm, tmp_path) -> None:
+    traces, record = _run(lm, tmp_path)
+    assert not record["hit"] and len(traces) == len(PROBLEMS)
+    assert [t.index for t in traces] == [p.index for p in PROBLEMS]
+    assert all(0 < t.tokens <= 6 for t in traces)
+    stored = json.loads((tmp_path / "traces").glob("*.json").__next__().read_text())
+    assert stored["key"]["max_new_tokens"] == 6 and len(stored["traces"]) == len(PROBLEMS)
+    again, record2 = _run(lm, tmp_path)
+    assert record2["hit"] and again == traces
+
+
+@pytest.mark.parametrize("change", ["weights", "questions", "max_new_tokens"])
+def test_a_changed_key_regenerates(lm, tmp_path, change) -> None:
+    _run(lm, tmp_path)
+    model, tokenizer = lm
+    kwargs: dict = {}
+    problems = PROBLEMS
+    if change == "weights":
+        with torch.no_grad():
+            model.lm_head.weight[0, 0] += 1.0
+    elif change == "questions":
+        problems = PROBLEMS[:-1]
+    else:
+        kwargs["max_new_tokens"] = 5
+    _, record = _run((model, tokenizer), tmp_path, problems, **kwargs)
+    assert not record["hit"]
+    assert len(list((tmp_path / "traces").glob("*.json"))) == 2
+
+
+def test_sharded_generation_gathers_the_same_traces(lm, tmp_path) -> None:
+    """Two ranks each generate half; gathered and ordered, they equal the single-rank traces."""
+    model, tokenizer = lm
+    whole, _ = _run(lm, tmp_path / "one")
+    shards = [cached_traces(model, tokenizer, PROBLEMS, 6, 2, tmp_path / f"r{r}", False, r, 1)[0] for r in (0,)]
+    assert shards[0] == whole
+    halves = [whole[0::2], whole[1::2]]
+    gathered, _ = cached_traces(model, tokenizer, PROBLEMS, 6, 2, tmp_path / "two", False, 0, 2, gather=lambda mine: halves)
+    assert gathered == whole
+    with pytest.raises(ValueError, match="gather"):
+        cached_traces(model, tokenizer, PROBLEMS, 6, 2, tmp_path / "x", False, 0, 2)
+
+
+def test_digest_ignores_lora_but_not_weights() -> None:
+    from rku_lightning.training.lora import inject_lora
+
+    model = tiny_model("qwen2")
+    before = model_digest(model)
+    inject_lora(model, {"r": 2, "alpha": 4, "dropout": 0.0})
+    assert model_digest(model) == before
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_" not in n).add_(1e-3)
+    assert model_digest(model) != before
+
+
+def test_as_problems_filters_and_trace_becomes_the_solution(tmp_path) -> None:
+    traces = [
+        Trace(0, "q0", 4.0, "2+2=4\n#### 4", 4.0, True, 7),
+        Trace(1, "q1", 5.0, "#### 6", 6.0, False, 3),
+        Trace(2, "q2", 1.0, "   ", None, False, 1),
+    ]
+    assert [p.index for p in as_problems(traces, "all")] == [0, 1, 2]
+    kept = as_problems(traces, "correct")
+    assert [(p.index, p.solution, p.answer) for p in kept] == [(0, "2+2=4\n#### 4", 4.0)]
+    with pytest.raises(ValueError, match="keep='correct' left none of the 1 traces.*trace_keep='all'"):
+        as_problems(traces[1:2], "correct")
+    with pytest.raises(ValueError, match="keep must be one of"):
+        as_problems(traces, "best")
+
+
+def test_trace_problems_mask_the_prompt_and_label_the_trace(tmp_path) -> None:
+    """Calibrating on `self` traces takes gradients from the generated tokens only: labels are -100 on the prompt."""
+    tokenizer = tiny_tokenizer(tmp_path)
+    problem = as_problems([Trace(0, "What is 2 + 2?", 4.0, "2+2=4 #### 4", 4.0, True, 12)])[0]
+    encoded = encode_solution(tokenizer, problem, max_length=200)
+    labelled = encoded["labels"] != -100
+    text = tokenizer.decode(encoded["input_ids"][labelled])
+    assert text.strip().startswith("2+2=4 #### 4")
+    prompt = tokenizer.decode(encoded["input_ids"][~labelled])
+    assert "What is 2 + 2?" in prompt and "####" not in prompt.split("What is 2 + 2?")[-1]
