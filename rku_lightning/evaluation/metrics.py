@@ -308,7 +308,7 @@ class ChainOfThoughtNLL(Metric):
 def token_kl(
     teacher_logits: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
-    """Forward KL(teacher || student) at `temperature`, one value per labelled position (1-D, fp32).
+    """Forward KL(teacher || student) at `temperature`, one value per labelled position (1-D, fp32 or wider).
 
     Positions follow `token_nll`: position t predicts the token at t + 1 and counts where
     ``labels[:, t + 1] != -100``. Only those rows are softmaxed, so a prompt-masked batch of a
@@ -322,8 +322,9 @@ def token_kl(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     valid = labels[:, 1:] != IGNORE_INDEX
-    teacher = F.log_softmax(teacher_logits[:, :-1][valid].float() / temperature, dim=-1)
-    student = F.log_softmax(student_logits[:, :-1][valid].float() / temperature, dim=-1)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # half-precision logits lose small KLs
+    teacher = F.log_softmax(teacher_logits[:, :-1][valid].to(dtype) / temperature, dim=-1)
+    student = F.log_softmax(student_logits[:, :-1][valid].to(dtype) / temperature, dim=-1)
     return F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
 
 
