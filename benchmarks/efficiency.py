@@ -228,8 +228,10 @@ def _scoring_child(spec: dict, method: str, batches_path: str, threads: int, que
         loaded = _memory()
         started = time.perf_counter()
         detail: dict = {}
-        if method == "rku":
-            pruner = StructuredPruner(model, importance="rku", objective="ce", progress=False)
+        if method in ("rku", "rku_checkpointed"):
+            pruner = StructuredPruner(
+                model, importance="rku", objective="ce", progress=False, checkpoint_layers=method == "rku_checkpointed"
+            )
             pruner.calibrate(batches)
         elif method == "taylor":
             from . import peer
@@ -342,8 +344,9 @@ def scoring_row(model_key: str, args) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(batches, path)
     spec = {"kind": "source", "path": MODELS[model_key]}
-    results = {method: in_child(_scoring_child, spec, method, str(path), args.threads) for method in ("rku", "taylor")}
-    rku, taylor = results["rku"], results["taylor"]
+    methods = ("rku", "rku_checkpointed", "taylor")
+    results = {method: in_child(_scoring_child, spec, method, str(path), args.threads) for method in methods}
+    taylor = results["taylor"]
     return {
         "model": model_key,
         "model_source": MODELS[model_key],
@@ -352,15 +355,15 @@ def scoring_row(model_key: str, args) -> dict:
         "max_length": args.calib_max_length,
         "label_tokens": int(sum(int((b["labels"] != -100).sum()) for b in batches)),
         "data": {"gsm8k_train": {"path": str(train), "sha256": sha256_file(train)}},
-        "rku": rku,
-        "taylor": taylor,
-        "ratios_rku_over_taylor": {
-            "seconds": round(rku["seconds"] / taylor["seconds"], 4),
-            "peak_bytes": round(rku["peak_bytes"] / taylor["peak_bytes"], 4),
-            "scoring_extra_bytes": round(rku["scoring_extra_bytes"] / taylor["scoring_extra_bytes"], 4)
+        **results,
+        **{f"ratios_{method}_over_taylor": {
+            "seconds": round(results[method]["seconds"] / taylor["seconds"], 4),
+            "peak_bytes": round(results[method]["peak_bytes"] / taylor["peak_bytes"], 4),
+            "scoring_extra_bytes": round(results[method]["scoring_extra_bytes"] / taylor["scoring_extra_bytes"], 4)
             if taylor["scoring_extra_bytes"] > 0 else None,
-        },
-        "what": "rku: StructuredPruner.calibrate (gate gradients only, weights frozen); taylor: loss.backward() with "
+        } for method in methods[:2]},
+        "what": "rku: StructuredPruner.calibrate (gate gradients only, weights frozen; logits of labelled tokens only); "
+                "rku_checkpointed: the same with checkpoint_layers=True; taylor: loss.backward() with "
                 "gradients of every decoder q/o/gate/up/down weight (embeddings, lm_head, norms, k/v frozen) + "
                 "Torch-Pruning GroupTaylorImportance of every MLP group and query head",
     }
@@ -381,7 +384,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", choices=("speed", "scoring"), default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    speed_id, scoring_id = f"{args.model}-{round(args.sparsity * 100)}", f"{args.model}-scoring-memory"
+    # -ckpt: with the checkpointed variant and labelled-token logits (the older rows measured neither).
+    speed_id, scoring_id = f"{args.model}-{round(args.sparsity * 100)}", f"{args.model}-scoring-memory-ckpt"
     if args.only != "scoring":
         if is_done(STAGE, speed_id):
             print(f"{speed_id}: done already")
@@ -393,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{scoring_id}: done already")
         else:
             record = scoring_row(args.model, args)
-            print(f"{scoring_id}: {json.dumps(record['ratios_rku_over_taylor'])} -> {write_row(STAGE, scoring_id, record)}")
+            print(f"{scoring_id}: {json.dumps(record['ratios_rku_checkpointed_over_taylor'])} -> {write_row(STAGE, scoring_id, record)}")
 
 
 if __name__ == "__main__":

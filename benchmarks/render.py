@@ -407,11 +407,14 @@ def efficiency_section(rows: list[dict]) -> list[str]:
     lines = ["## Efficiency (ratios from one process; see each row for the raw repetitions)", ""]
     for r in rows:
         env = f"{r['environment']['device']}, {r['environment']['threads']} threads"
-        ratios = r.get("ratios_pruned_over_dense") or r.get("ratios_rku_over_taylor") or {}
-        title = "pruned / dense" if "ratios_pruned_over_dense" in r else "RKU scoring / Torch-Pruning Taylor scoring"
-        lines += [f"**{r['row_id']}** ({title}; {env}; commit {r['commit'][:7]})", "", "| quantity | ratio |", "|---|---|"]
-        lines += [f"| {name} | {value:.3f} |" for name, value in ratios.items()]
-        lines.append("")
+        tables = {key: value for key, value in r.items() if key.startswith("ratios_")}
+        for key, ratios in tables.items():
+            title = "pruned / dense" if key == "ratios_pruned_over_dense" else (
+                ("checkpointed " if "checkpointed" in key else "") + "RKU scoring / Torch-Pruning Taylor scoring"
+            )
+            lines += [f"**{r['row_id']}** ({title}; {env}; commit {r['commit'][:7]})", "", "| quantity | ratio |", "|---|---|"]
+            lines += [f"| {name} | {value:.3f} |" for name, value in ratios.items() if value is not None]
+            lines.append("")
     return lines
 
 

@@ -247,3 +247,27 @@ def test_prune_before_calibrate_is_an_error_for_data_driven_methods(importance):
 def test_data_free_methods_prune_without_calibration(importance):
     pruner = StructuredPruner(tiny_model("qwen2"), importance=importance, progress=False)
     assert abs(pruner.prune(0.3).sparsity - 0.3) < 0.012
+
+
+def test_checkpointed_calibration_gives_the_same_statistics(family):
+    """Activation checkpointing recomputes layers in backward: gate gradients and activation sums are unchanged."""
+    batches = tiny_batches(2, batch_size=3, seq_len=10)
+    for batch in batches:
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        batch["labels"][:, :4] = -100  # a masked prompt, as calibration on traces has
+    states, calls = [], []
+    for checkpoint_layers in (False, True):
+        model = tiny_model(family)
+        seen = []
+        model.model.layers[0].input_layernorm.register_forward_pre_hook(lambda *_: seen.append(1))
+        pruner = StructuredPruner(model, importance="rku", checkpoint_layers=checkpoint_layers, progress=False)
+        pruner.calibrate(batches)
+        states.append(pruner.stats.state_dict())
+        calls.append(len(seen))
+        assert all("forward" not in layer.__dict__ for layer in pruner.adapter.decoder_layers())  # wrappers removed
+    assert calls == [2, 4]  # checkpointed layers really ran again in backward
+    plain, checked = states
+    assert plain["counts"] == checked["counts"] and plain["sums"].keys() == checked["sums"].keys()
+    assert any(k.startswith("act.") for k in plain["sums"]) and any(not k.startswith("act.") for k in plain["sums"])
+    for key, value in plain["sums"].items():
+        torch.testing.assert_close(checked["sums"][key], value, rtol=1e-10, atol=1e-12, msg=key)

@@ -11,6 +11,8 @@ wrapper is gated as a whole (its LoRA branch sees the gated input too).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Callable
 
 import torch
@@ -55,6 +57,15 @@ class StructureGates:
         for module, source, index in targets:
             self._handles.append(module.register_forward_pre_hook(self._make_hook(source, index)))
         self._hooked = [t[0] for t in targets]
+
+    @contextlib.contextmanager
+    def recording_paused(self) -> Iterator[None]:
+        """No activation statistics inside the block (a checkpointed layer's recomputation)."""
+        recorder, self.recorder = self.recorder, None
+        try:
+            yield
+        finally:
+            self.recorder = recorder
 
     def detach(self) -> None:
         for handle in self._handles:

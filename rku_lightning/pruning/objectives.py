@@ -31,19 +31,24 @@ def _labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def cross_entropy_objective(adapter: ModelAdapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits = adapter.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # No KV cache: a checkpointed layer would append its keys twice when it recomputes.
+    hidden = adapter.decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     labels = _labels(batch)[:, 1:]
-    logits = _at_least_fp32(logits[:, :-1])
-    token_loss = F.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
-    valid = (labels != -100).to(token_loss.dtype)
-    return (token_loss * valid).sum(1) / valid.sum(1).clamp_min(1)
+    valid = labels != -100
+    # Logits of the labelled positions only: a masked prompt needs none, and with a 150k-token
+    # vocabulary the full (batch, length, vocabulary) logits and their gradient dominate scoring memory.
+    logits = _at_least_fp32(adapter.model.get_output_embeddings()(hidden.last_hidden_state[:, :-1][valid]))
+    token_loss = F.cross_entropy(logits, labels[valid], reduction="none")
+    rows = valid.nonzero()[:, 0]
+    sums = torch.zeros(labels.shape[0], dtype=token_loss.dtype, device=token_loss.device).index_add(0, rows, token_loss)
+    return sums / valid.sum(1).clamp_min(1).to(sums.dtype)
 
 
 def hidden_energy_objective(adapter: ModelAdapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     captured: list[torch.Tensor] = []
     handle = adapter.final_norm().register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
     try:
-        adapter.decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        adapter.decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     finally:
         handle.remove()
     hidden = _at_least_fp32(captured[-1])

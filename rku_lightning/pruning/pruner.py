@@ -23,6 +23,7 @@ from .allocation import (
     max_removable,
     mlp_steps,
 )
+from .checkpointing import checkpointed_layers
 from .families import LayerView, get_adapter, unwrap_model
 from .gates import StructureGates
 from .importance import Importance, get_importance
@@ -128,6 +129,8 @@ class StructuredPruner:
             (MLP channels only: separates where a method puts its MLP budget from what attention costs).
         min_mlp_keep: fraction of each layer's MLP channels that always stays.
         micro_batch_size: split calibration batches to bound activation memory.
+        checkpoint_layers: recompute decoder-layer activations in the backward pass of gradient scoring
+            (exact gradients, a fraction of the activation memory, one more forward pass of compute).
         seed: seed of the `random` importance.
     """
 
@@ -142,6 +145,7 @@ class StructuredPruner:
         micro_batch_size: int | None = None,
         seed: int = 0,
         progress: bool = True,
+        checkpoint_layers: bool = False,
     ):
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
@@ -157,6 +161,7 @@ class StructuredPruner:
         self.attention = attention
         self.min_mlp_keep = float(min_mlp_keep)
         self.micro_batch_size = micro_batch_size
+        self.checkpoint_layers = checkpoint_layers
         self.progress = progress
         self.model = unwrap_model(model)
         self.adapter = get_adapter(self.model)
@@ -214,7 +219,12 @@ class StructuredPruner:
                     self.adapter.decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 return
             gates = self.gates.start_scoring(batch["input_ids"].shape[0], batch["input_ids"].device)
-            with torch.enable_grad():
+            checkpointing = (
+                checkpointed_layers(self.adapter.decoder_layers(), self.gates.recording_paused)
+                if self.checkpoint_layers
+                else contextlib.nullcontext()
+            )
+            with torch.enable_grad(), checkpointing:
                 phi = self.objective(self.adapter, batch).sum()
                 leaves = gates["mlp"] + gates["heads"]
                 grads = torch.autograd.grad(phi, leaves, allow_unused=True)
