@@ -37,6 +37,7 @@ from rku_lightning import StructuredPruner, compact, load_causal_lm, load_pruned
 from rku_lightning.evaluation.calibration import calibration_batches
 from rku_lightning.evaluation.data import load_problems
 from rku_lightning.files import sha256_file
+from rku_lightning.memory import memory_snapshot, reset_peak_memory
 
 from .common import DATA, MODELS, WORK, is_done, write_row
 
@@ -150,28 +151,6 @@ def ratios(dense: dict, pruned: dict) -> dict:
 
 
 # -- child processes: clean peak memory ------------------------------------------------------------
-def _reset_peak() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-    except OSError:
-        pass
-
-
-def _memory() -> dict:
-    if torch.cuda.is_available():
-        return {"peak_bytes": torch.cuda.max_memory_allocated(), "current_bytes": torch.cuda.memory_allocated(), "kind": "cuda_allocated"}
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmHWM", "VmRSS"):
-            fields[key] = int(value.split()[0]) * 1024
-    # Not ru_maxrss: a spawned child inherits its parent's high-water mark across fork + exec.
-    return {"peak_bytes": fields.get("VmHWM"), "current_bytes": fields.get("VmRSS"), "kind": "cpu_rss"}
-
-
 def _settle(model) -> None:
     """Make the loaded weights resident and return freed heap to the OS, so the baseline is the model.
 
@@ -204,12 +183,12 @@ def _generation_memory_child(spec: dict, batch: int, new_tokens: int, threads: i
         if torch.cuda.is_available():
             model.cuda()
         _settle(model)
-        _reset_peak()
-        loaded = _memory()
+        reset_peak_memory()
+        loaded = memory_snapshot()
         seconds = time.perf_counter()
         rate = decode_tokens_per_s(model, tokenizer, batch, new_tokens)
         seconds = time.perf_counter() - seconds
-        peak = _memory()
+        peak = memory_snapshot()
         queue.put({"loaded_bytes": loaded["current_bytes"], "peak_bytes": peak["peak_bytes"],
                    "generation_extra_bytes": peak["peak_bytes"] - loaded["current_bytes"], "memory_kind": peak["kind"],
                    "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "batch": batch, "new_tokens": new_tokens,
@@ -224,8 +203,8 @@ def _scoring_child(spec: dict, method: str, batches_path: str, threads: int, que
         model, _ = _load(spec)
         batches = torch.load(batches_path)
         _settle(model)
-        _reset_peak()
-        loaded = _memory()
+        reset_peak_memory()
+        loaded = memory_snapshot()
         started = time.perf_counter()
         detail: dict = {}
         if method in ("rku", "rku_checkpointed"):
@@ -243,7 +222,7 @@ def _scoring_child(spec: dict, method: str, batches_path: str, threads: int, que
         else:
             raise ValueError(method)
         seconds = time.perf_counter() - started
-        peak = _memory()
+        peak = memory_snapshot()
         queue.put({"method": method, "seconds": round(seconds, 2), "loaded_bytes": loaded["current_bytes"],
                    "peak_bytes": peak["peak_bytes"], "scoring_extra_bytes": peak["peak_bytes"] - loaded["current_bytes"],
                    "memory_kind": peak["kind"], **detail})

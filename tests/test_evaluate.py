@@ -200,3 +200,34 @@ def test_real_qwen_pipeline(tmp_path, shared_data) -> None:
     assert all(p["prediction"] and p["generated_tokens"] > 0 for p in predictions)
     metrics = json.loads(out.read_text())["metrics"]
     assert metrics["cot_tokens_reasoning"] > 0 and metrics["cot_tokens_other"] > 0
+
+
+def test_cli_measures_kl_to_a_reference_model(tmp_path, shared_data, monkeypatch) -> None:
+    """`--reference-model`: 0 against itself, > 0 for a pruned copy; the reference's answers are cached traces."""
+    from rku_lightning import StructuredPruner, compact, save_pruned
+
+    monkeypatch.setenv("RKU_CACHE", str(tmp_path / "cache"))
+    dense_dir, pruned_dir = tmp_path / "tiny", tmp_path / "pruned"
+    model, tokenizer = tiny_model("qwen2", seed=1, max_position_embeddings=1024), tiny_tokenizer(tmp_path)
+    model.save_pretrained(dense_dir)
+    tokenizer.save_pretrained(dense_dir)
+    StructuredPruner(model, importance="magnitude", allocation="uniform", progress=False).prune(0.3)
+    compact(model)
+    save_pruned(model, tokenizer, pruned_dir)
+    data_path = shared_data / "gsm8k" / "test.jsonl"
+    common = ["--data", str(data_path), "--limit", "2", "--batch-size", "2", "--max-new-tokens", "6", "--no-generate",
+              "--no-progress", "--reference-model", str(dense_dir)]
+    for name, source in (("self", dense_dir), ("pruned", pruned_dir)):
+        assert main(["--model", str(source), *common, "--json", str(tmp_path / f"{name}.json")]) == 0
+    same, pruned = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("self", "pruned"))
+    assert same["metrics"]["kl_to_reference"] == pytest.approx(0, abs=1e-6)
+    assert same["metrics"]["kl_to_reference_gold"] == pytest.approx(0, abs=1e-6)
+    assert pruned["metrics"]["kl_to_reference"] > 1e-5 and pruned["metrics"]["kl_to_reference_gold"] > 1e-5
+    assert same["reference_traces"]["hit"] is False and pruned["reference_traces"]["hit"] is True
+
+
+def test_kl_to_reference_refuses_another_vocabulary(tmp_path) -> None:
+    from rku_lightning.evaluation.evaluate import kl_to_reference
+
+    with pytest.raises(ValueError, match="vocabulary"):
+        kl_to_reference(tiny_model("llama"), tiny_model("llama", vocab_size=80), tiny_tokenizer(tmp_path), [PROBLEM])

@@ -55,3 +55,20 @@ def test_calibration_batches_are_a_fixed_sample(shared_data, tmp_path):
     assert torch.equal(questions[0]["attention_mask"].sum(1) > 0, torch.tensor([True, True]))
     with pytest.raises(ValueError, match="samples must be"):
         sample_problems(problems, 0)
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_cli_calibrates_on_the_models_own_traces(saved_tiny, shared_data, tmp_path, monkeypatch):
+    """`--calibration-source self`: traces generated once and cached, recorded in pruning.json, and different masks."""
+    monkeypatch.setenv("RKU_CACHE", str(tmp_path / "cache"))
+    common = ["--model", str(saved_tiny), "--sparsity", "0.3", "--calibration", str(shared_data / "gsm8k" / "train.jsonl"),
+              "--samples", "4", "--batch-size", "2", "--max-length", "700", "--checkpoint-layers"]
+    main([*common, "--calibration-source", "self", "--trace-max-new-tokens", "8", "--out", str(tmp_path / "self1")])
+    first = json.loads((tmp_path / "self1" / "pruning.json").read_text())["traces"]
+    assert first["hit"] is False and first["traces"] == 4 and first["path"].startswith(str(tmp_path / "cache"))
+    main([*common, "--calibration-source", "self", "--trace-max-new-tokens", "8", "--out", str(tmp_path / "self2")])
+    assert json.loads((tmp_path / "self2" / "pruning.json").read_text())["traces"]["hit"] is True
+    main([*common, "--out", str(tmp_path / "gold")])
+    gold, own = (json.loads((tmp_path / name / "pruning.json").read_text()) for name in ("gold", "self1"))
+    assert gold["traces"] is None
+    assert gold["layers"] != own["layers"] or gold["report"]["layers"] != own["report"]["layers"]

@@ -29,6 +29,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from rku_lightning.files import write_text_atomic
+from rku_lightning.memory import memory_snapshot, reset_peak_memory
 from rku_lightning.pruning.compaction import compact
 from rku_lightning.pruning.export import save_pruned
 from rku_lightning.pruning.families import SUPPORTED_ARCHITECTURES, get_adapter, unwrap_model
@@ -243,10 +244,14 @@ class RKUPruning(Callback):
         self._current = {**self._structure_record(self.round, report), "time_calibrate_prune_s": time.perf_counter() - start}
         self._log_prune(trainer, report)
         self.phase = "recover"
+        reset_peak_memory(pl_module.device)
         self._clock = time.perf_counter()
 
     def _end_recovery(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._current["time_recover_s"] = time.perf_counter() - self._clock
+        self._current["time_per_step_s"] = self._current["time_recover_s"] / self.recovery_steps
+        memory = memory_snapshot(pl_module.device)
+        self._current["recover_peak_memory_bytes"], self._current["memory_kind"] = memory["peak_bytes"], memory["kind"]
         model = self.hf_model(pl_module)
         if has_lora(model):
             merge_and_reinit_(model, seed=self._adapter_seed())

@@ -19,9 +19,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rku_lightning.evaluation.data import TASKS, Problem, load_problems
-from rku_lightning.evaluation.evaluate import evaluate_model
+from rku_lightning.evaluation.evaluate import evaluate_model, kl_to_reference
 from rku_lightning.evaluation.generation import DEFAULT_MAX_NEW_TOKENS
 from rku_lightning.evaluation.prompts import select_exemplars
+from rku_lightning.evaluation.traces import as_problems, cached_traces
 from rku_lightning.files import write_text_atomic
 from rku_lightning.paths import task_file
 from rku_lightning.pruning.export import PLAN_FILE
@@ -64,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-nll", action="store_true", help="skip CoT NLL and perplexity")
     parser.add_argument("--max-length", type=int, default=1024, help="token limit of scored sequences")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument(
+        "--reference-model",
+        help="dense model to measure fidelity against: adds kl_to_reference (teacher-forced KL(reference || model) "
+        "per token on the reference's own cached answers) and kl_to_reference_gold (on the gold solutions)",
+    )
     parser.add_argument("--json", required=True, type=Path, help="report file; predictions go beside it as .predictions.jsonl")
     parser.add_argument("--threads", type=int, help="torch CPU threads (fewer than cores avoids oversubscription)")
     parser.add_argument("--no-progress", action="store_true")
@@ -104,6 +110,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     model, tokenizer = load_model(args.model, getattr(torch, args.dtype))
     load_s = time.perf_counter() - started
+    reference, trace_record = None, None
+    if args.reference_model:
+        reference, reference_tokenizer = load_model(args.reference_model, getattr(torch, args.dtype))
+        if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise SystemExit("--reference-model: its tokenizer differs from --model's; KL needs the same vocabulary")
     result = evaluate_model(
         model,
         tokenizer,
@@ -116,9 +127,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_length=args.max_length,
         progress=not args.no_progress,
     )
+    if reference is not None:
+        progress = not args.no_progress
+        traces, trace_record = cached_traces(reference, tokenizer, problems.problems, args.max_new_tokens, args.batch_size,
+                                             progress=progress)
+        result["metrics"]["kl_to_reference"] = kl_to_reference(
+            model, reference, tokenizer, as_problems(traces), args.batch_size, args.max_length, progress
+        )
+        result["metrics"]["kl_to_reference_gold"] = kl_to_reference(
+            model, reference, tokenizer, [p for p in problems if p.solution], args.batch_size, args.max_length, progress
+        )
     predictions_path = _predictions_path(args.json)
     report = {
         "model": args.model,
+        "reference_model": args.reference_model,
+        "reference_traces": trace_record,
         "task": args.task,
         "data": problems.provenance(),
         "indices": [p.index for p in problems],

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from rku_lightning.evaluation.calibration import calibration_batches
+from rku_lightning.evaluation.calibration import CALIBRATION_SOURCES, calibration_batches, self_calibration_problems
 from rku_lightning.evaluation.data import load_problems
+from rku_lightning.evaluation.traces import TRACE_FILTERS
 from rku_lightning.loading import load_causal_lm
 from rku_lightning.paths import task_file
 from rku_lightning.pruning.compaction import compact
@@ -35,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-mlp-keep", type=float, default=0.1)
     parser.add_argument("--calibration", default=str(task_file("gsm8k", "train")), help="GSM8K-style JSONL path or hub id")
     parser.add_argument("--calibration-task", default="gsm8k", choices=("gsm8k", "svamp", "jsonl"))
+    parser.add_argument(
+        "--calibration-source", default="gold", choices=CALIBRATION_SOURCES,
+        help="chains of thought to score on: the data set's solutions (gold) or the model's own greedy answers "
+        "(self; generated once and cached under $RKU_CACHE/traces)",
+    )
+    parser.add_argument("--trace-keep", default="all", choices=TRACE_FILTERS, help="self: keep all traces or only correct ones")
+    parser.add_argument("--trace-max-new-tokens", type=int, default=320, help="self: token budget of each trace")
+    parser.add_argument("--checkpoint-layers", action="store_true", help="recompute layer activations in backward (less memory)")
     parser.add_argument(
         "--samples", type=int, default=128,
         help="calibration problems (a fixed seeded sample); global allocation ranks across layers and was "
@@ -67,9 +76,15 @@ def main(argv: list[str] | None = None) -> dict:
         attention=args.attention,
         min_mlp_keep=args.min_mlp_keep,
         seed=args.seed,
+        checkpoint_layers=args.checkpoint_layers,
     )
+    traces = None
     if pruner.importance.needs_calibration:
-        problems = load_problems(args.calibration, task=args.calibration_task, split="train")
+        problems = load_problems(args.calibration, task=args.calibration_task, split="train").problems
+        if args.calibration_source == "self":
+            problems, traces = self_calibration_problems(
+                model, tokenizer, problems, args.samples, args.seed, args.trace_keep, args.trace_max_new_tokens, args.batch_size
+            )
         batches = calibration_batches(
             tokenizer, problems, args.samples, args.batch_size, args.max_length,
             questions_only=args.objective == "hidden", seed=args.seed,
@@ -82,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
         "source_model": args.model,
         "seconds": round(time.perf_counter() - started, 1),
         "report": report.to_dict(),
+        "traces": traces,
     }
     save_pruned(model, tokenizer, args.out, overwrite=args.overwrite, metadata=metadata)
     print(report.summary())

@@ -19,6 +19,7 @@ from .data import Problem
 from .generation import DEFAULT_MAX_NEW_TOKENS, iter_generations
 from .metrics import (
     IGNORE_INDEX,
+    KLToReference,
     ReasoningAccuracy,
     TextPerplexity,
     answers_match,
@@ -158,3 +159,35 @@ def evaluate_model(
             else:
                 predictions.append(entry)
     return {"metrics": metrics, "predictions": predictions}
+
+
+@torch.inference_mode()
+def kl_to_reference(
+    model: PreTrainedModel,
+    reference: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: Sequence[Problem],
+    batch_size: int = 4,
+    max_length: int = 1024,
+    progress: bool = True,
+) -> float | None:
+    """Teacher-forced mean KL(reference || model) per token over the problems' solutions (prompt masked).
+
+    Pass the reference's own answers as solutions (`traces.as_problems`) to measure fidelity on what
+    the dense model would write, or gold problems for the data set's text. None when nothing is scored.
+    """
+    if model.config.vocab_size != reference.config.vocab_size:
+        raise ValueError(
+            f"reference model: its vocabulary ({reference.config.vocab_size}) differs from the model's "
+            f"({model.config.vocab_size}); KL needs the same tokenizer"
+        )
+    metric = KLToReference()
+    device, reference_device = next(model.parameters()).device, next(reference.parameters()).device
+    scored = [p for p in problems if p.solution is not None]
+    for start in tqdm(range(0, len(scored), batch_size), desc="KL to reference", unit="batch", disable=not progress):
+        chunk = scored[start : start + batch_size]
+        batch = collate_left([encode_solution(tokenizer, p, max_length) for p in chunk], tokenizer.pad_token_id)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        expected = reference(**{k: v.to(reference_device) for k, v in inputs.items()}).logits.to(device)
+        metric.update(expected, model(**{k: v.to(device) for k, v in inputs.items()}).logits, batch["labels"].to(device))
+    return _number(metric.compute()) if metric.tokens > 0 else None

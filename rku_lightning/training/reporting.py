@@ -27,10 +27,18 @@ METRIC_LABELS: dict[str, str] = {
     "val/cot_nll_reasoning": "CoT NLL reasoning",
     "val/cot_nll_other": "CoT NLL other",
     "val/ood_acc": "OOD acc",
+    "val/kl_to_dense": "KL to dense",
+    "val/kl_to_dense_gold": "KL to dense (gold)",
 }
 ACCURACY_METRICS = ("val/gsm8k_acc", "val/ood_acc")
 NLL_METRICS = ("val/cot_nll", "val/cot_nll_reasoning", "val/cot_nll_other")
-PHASE_TIMES = (("time_calibrate_prune_s", "calibrate+prune s"), ("time_recover_s", "recover s"), ("time_evaluate_s", "evaluate s"))
+KL_METRICS = ("val/kl_to_dense", "val/kl_to_dense_gold")
+PHASE_TIMES = (
+    ("time_calibrate_prune_s", "calibrate+prune s"),
+    ("time_recover_s", "recover s"),
+    ("time_per_step_s", "s/step"),
+    ("time_evaluate_s", "evaluate s"),
+)
 FILES = ("report.json", "report.md", "sparsity_curve.png", "layer_profile.png")
 
 
@@ -62,13 +70,15 @@ def markdown_table(records: Sequence[dict]) -> str:
     """One row per round: sparsity, size, KV cache, metrics, phase times."""
     metrics = metric_names(records)
     header = ["round", "target", "sparsity", "params", "KV bytes/token"]
-    header += [METRIC_LABELS.get(m, m) for m in metrics] + [label for _, label in PHASE_TIMES]
+    header += [METRIC_LABELS.get(m, m) for m in metrics] + [label for _, label in PHASE_TIMES] + ["recover peak GiB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
         row = [str(r["round"]), f"{r['target_sparsity']:.3f}", f"{r['sparsity']:.3f}", f"{r['params']:,}"]
         row.append(f"{r['kv_cache_bytes_per_token']:,}")
         row += [_cell(r.get("metrics", {}).get(m)) for m in metrics]
-        row += [_cell(r.get(key), 1) for key, _ in PHASE_TIMES]
+        row += [_cell(r.get(key), 2 if key == "time_per_step_s" else 1) for key, _ in PHASE_TIMES]
+        peak = r.get("recover_peak_memory_bytes")
+        row.append(_cell(peak / 2**30, 2) if peak else "–")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -90,9 +100,10 @@ def _plot_curve(records: Sequence[dict], path: str) -> None:
     names = metric_names(records)
     groups = [
         ("accuracy", [m for m in names if m in ACCURACY_METRICS or m.endswith("_acc")]),
-        ("NLL (nats/token)", [m for m in names if m in NLL_METRICS or "nll" in m]),
+        ("KL(dense || model) per token", [m for m in names if m in KL_METRICS]),
+        ("NLL of gold text (nats/token)", [m for m in names if m in NLL_METRICS or "nll" in m]),
     ]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, (ylabel, group) in zip(axes, groups):
         for metric in group:
             points = [(r["sparsity"], r["metrics"][metric]) for r in records if metric in r.get("metrics", {})]
