@@ -51,6 +51,14 @@ PRESETS: dict[str, list[str]] = {
     # Uniform allocation (where one-shot pruning kept most accuracy) with answers generated for
     # 32 + 32 questions; the dense model's accuracy on them is in the one-shot rows, so no round 0.
     "cpu-uniform": [*CPU_BUDGET, "--pruning.allocation=uniform", "--data.ood_limit=32", "--evaluate_dense=false"],
+    # The reasoning issue's method on the same budget: calibration and recovery on the dense model's
+    # own traces (64 training questions: one pass of 2 rounds x 16 steps x 2), recovery by forward KL
+    # to the dense teacher; kl_to_dense on the dense model's answers to the 32 validation questions.
+    "cpu-uniform-kd-self": [
+        *CPU_BUDGET, "--pruning.allocation=uniform", "--data.ood_limit=32", "--evaluate_dense=false",
+        "--model.recovery=kd", "--data.train_source=self", "--data.calibration_source=self",
+        "--data.calibration_samples=16", "--data.trace_samples=64",
+    ],
     # The control for it: one round of the same recovery after removing only 0.1 % (the least a
     # run may target), so that what LoRA recovery alone does to accuracy can be told from pruning.
     "cpu-recovery-only": [
