@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from rku_lightning import StructuredPruner, compact, load_causal_lm
-from rku_lightning.evaluation.calibration import calibration_batches
+from rku_lightning.evaluation.calibration import calibration_batches, self_calibration_problems
 from rku_lightning.evaluation.data import load_problems
-from rku_lightning.evaluation.evaluate import evaluate_model, nll_columns
+from rku_lightning.evaluation.evaluate import evaluate_model, kl_to_reference, nll_columns
+from rku_lightning.evaluation.traces import as_problems, cached_traces
 from rku_lightning.files import sha256_file
 
 from .common import DATA, MODELS, WORK, is_done, write_row
@@ -71,6 +72,10 @@ class Settings:
     generate: bool = True
     #: The plain-text perplexity pass doubles the cost of scoring and is not a benchmark metric.
     perplexity: bool = False
+    #: Chains of thought to calibrate on: the data set's (`gold`) or the dense model's own (`self`).
+    calib_source: str = "gold"
+    #: Teacher-forced KL(dense || pruned) on the GSM8K questions (dense answers and gold solutions).
+    kl: bool = True
 
     @property
     def stage(self) -> str:
@@ -81,6 +86,8 @@ class Settings:
             base += f"_q{self.gsm8k_limit}"
         if self.calib_samples != Settings.calib_samples:
             base += f"_c{self.calib_samples}"
+        if self.calib_source != Settings.calib_source:
+            base += f"_{self.calib_source}"
         return base
 
 
@@ -129,7 +136,8 @@ def grid(models: list[str], sparsities: list[float], allocations: list[str]) -> 
 
 
 def _stats_path(model: str, objective: str, settings: Settings) -> Path:
-    tag = f"{model}-{objective}-n{settings.calib_samples}-L{settings.calib_max_length}-s{settings.seed}"
+    source = "" if settings.calib_source == "gold" else f"-{settings.calib_source}"
+    tag = f"{model}-{objective}-n{settings.calib_samples}-L{settings.calib_max_length}-s{settings.seed}{source}"
     return WORK / "stats" / f"{tag}.pt"
 
 
@@ -158,7 +166,11 @@ def calibrated_pruner(row: Row, model, tokenizer, settings: Settings) -> tuple[S
 
 
 def _calibrate_and_cache(row: Row, model, tokenizer, settings: Settings, path: Path) -> dict:
-    problems = load_problems(DATA / "gsm8k" / "train.jsonl", task="gsm8k", split="train")
+    problems = load_problems(DATA / "gsm8k" / "train.jsonl", task="gsm8k", split="train").problems
+    if settings.calib_source == "self":  # the model is still dense here: these are the dense model's traces
+        problems, _ = self_calibration_problems(
+            model, tokenizer, problems, settings.calib_samples, settings.seed, "all", settings.max_new_tokens, settings.batch_size
+        )
     batches = calibration_batches(
         tokenizer, problems, settings.calib_samples, 4, settings.calib_max_length,
         questions_only=row.objective == "hidden", seed=settings.seed,
@@ -198,6 +210,10 @@ def run_row(row: Row, settings: Settings) -> dict:
         nll_batch_size=2, perplexity=settings.perplexity,
     )
     timings["gsm8k_s"] = round(time.perf_counter() - started, 1)
+    if settings.kl and row.importance is not None:
+        started = time.perf_counter()
+        g["metrics"].update(kl_to_dense(model, tokenizer, row.model, gsm8k.problems, settings))
+        timings["kl_s"] = round(time.perf_counter() - started, 1)
     s: dict = {"metrics": {}, "predictions": []}
     if settings.generate:
         started = time.perf_counter()
@@ -224,6 +240,16 @@ def run_row(row: Row, settings: Settings) -> dict:
         },
         "timings": timings,
         "predictions": {"gsm8k": g["predictions"], "svamp": s["predictions"]},
+    }
+
+
+def kl_to_dense(model, tokenizer, model_key: str, problems: list, settings: Settings) -> dict:
+    """KL(dense || pruned) per token on the dense model's own (cached) answers and on the gold solutions."""
+    reference, _ = load_causal_lm(MODELS[model_key])
+    traces, _ = cached_traces(reference, tokenizer, problems, settings.max_new_tokens, settings.batch_size, progress=False)
+    return {
+        "kl_to_dense": kl_to_reference(model, reference, tokenizer, as_problems(traces), 2, progress=False),
+        "kl_to_dense_gold": kl_to_reference(model, reference, tokenizer, problems, 2, progress=False),
     }
 
 

@@ -105,3 +105,34 @@ def test_trace_problems_mask_the_prompt_and_label_the_trace(tmp_path) -> None:
     assert text.strip().startswith("2+2=4 #### 4")
     prompt = tokenizer.decode(encoded["input_ids"][~labelled])
     assert "What is 2 + 2?" in prompt and "####" not in prompt.split("What is 2 + 2?")[-1]
+
+
+def test_current_calibration_source_regenerates_with_the_pruned_model(tmp_path):
+    """`calibration_source='current'`: every call writes the traces anew with the model as it is now (RESP)."""
+    import lightning as L
+    from test_train_cli import write_config
+
+    from rku_lightning import StructuredPruner
+    from rku_lightning.training.datamodule import ReasoningDataModule
+    from rku_lightning.training.lightning_module import CausalLMPruningModule
+
+    write_config(tmp_path)
+    data = tmp_path / "data"
+    module = CausalLMPruningModule(pretrained=str(tmp_path / "tiny"), kl_to_dense=False)
+    datamodule = ReasoningDataModule(train_data=str(data / "gsm8k"), val_data=str(data / "gsm8k"), ood_task=None,
+                                     val_limit=2, max_length=320, batch_size=2, calibration_samples=4,
+                                     calibration_source="current", trace_max_new_tokens=8, reference_traces=False)
+    datamodule.trainer = L.Trainer(accelerator="cpu", logger=False)
+    datamodule.trainer.strategy.connect(module)
+    datamodule.setup("fit")
+    before = datamodule.calibration_dataloader()
+    again = datamodule.calibration_dataloader()
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(before, again))  # same model, same traces
+    StructuredPruner(module.model, importance="magnitude", allocation="uniform", progress=False).prune(0.6)
+    after = datamodule.calibration_dataloader()
+    assert len(after) == len(before) == 2
+    changed = [not torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(before, after)]
+    assert any(changed)
+    # The prompt part is the same question; only the generated answer differs.
+    labelled = [(b["labels"] != -100).sum().item() for b in before]
+    assert all(n > 0 for n in labelled)
