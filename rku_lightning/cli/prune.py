@@ -15,7 +15,7 @@ import torch
 
 from rku_lightning.evaluation.calibration import calibration_batches
 from rku_lightning.evaluation.data import load_problems
-from rku_lightning.loading import load_causal_lm
+from rku_lightning.loading import DTYPES, load_causal_lm
 from rku_lightning.paths import task_file
 from rku_lightning.pruning.compaction import compact
 from rku_lightning.pruning.export import save_pruned
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-length", type=int, default=384, help="tokens per calibration sequence")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", required=True, help="export folder (written atomically)")
     parser.add_argument("--overwrite", action="store_true")
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     if Path(args.out).exists() and not args.overwrite:
         raise SystemExit(f"--out {args.out} already exists; choose a new folder or pass --overwrite")
     started = time.perf_counter()
-    model, tokenizer = load_causal_lm(args.model, dtype=getattr(torch, args.dtype))
+    model, tokenizer = load_causal_lm(args.model, dtype=DTYPES[args.dtype])
     model.to(args.device)
     pruner = StructuredPruner(
         model,

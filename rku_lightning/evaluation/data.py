@@ -16,6 +16,7 @@ from pathlib import Path
 
 import datasets
 
+from rku_lightning.checks import positive_int
 from rku_lightning.files import sha256_file
 
 from .metrics import parse_number
@@ -158,8 +159,7 @@ def load_problems(
     """
     if task not in TASKS:
         raise ValueError(f"task: {task!r} is not supported; choose one of {TASKS}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit: must be a positive number of records, got {limit}")
+    positive_int("limit", limit, optional=True)
     defaults = DEFAULT_FIELDS[task]
     fields = FieldSpec(
         question=question_field or defaults.question,

@@ -15,7 +15,6 @@ import torch
 from .structures import UNIT_KINDS
 
 GRAD_FIELDS = ("abs", "sq", "sum")
-ACT_FIELDS = ("sum", "sq")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from lightning.pytorch import LightningDataModule, Trainer
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
+from rku_lightning.checks import positive_int
 from rku_lightning.evaluation.calibration import calibration_batches
 from rku_lightning.evaluation.data import TASKS, Problem, load_problems
 from rku_lightning.evaluation.generation import PromptDataset, collate_prompts
@@ -167,8 +168,7 @@ class ReasoningDataModule(LightningDataModule):
             ("max_length", max_length),
             ("calibration_samples", calibration_samples),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
+            positive_int(field, value)
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
         self.train_problems: list[Problem] = []

@@ -15,24 +15,19 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 
+from rku_lightning.checks import one_of, positive_int
 from rku_lightning.evaluation.generation import DEFAULT_MAX_NEW_TOKENS, generate_batch, stop_token_ids
 from rku_lightning.evaluation.metrics import ChainOfThoughtNLL, ReasoningAccuracy, score_answer
-from rku_lightning.loading import load_causal_lm
+from rku_lightning.loading import DTYPES, DTypeName, load_causal_lm
 
 from .lora import inject_lora
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IN_DISTRIBUTION, OUT_OF_DISTRIBUTION = 0, 1
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, as `generate` computes them, so training and decoding agree."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
-def _check_count(name: str, value: Any, alternatives: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1{alternatives}, got {value!r}")
 
 
 class CausalLMPruningModule(LightningModule):
@@ -56,7 +51,7 @@ class CausalLMPruningModule(LightningModule):
     def __init__(
         self,
         pretrained: str = "embedded:smollm2-135m-instruct",
-        dtype: str = "float32",
+        dtype: DTypeName = "float32",
         lr: float = 2e-4,
         weight_decay: float = 0.0,
         lora: dict[str, Any] | None = None,
@@ -66,13 +61,11 @@ class CausalLMPruningModule(LightningModule):
         nll_batch_size: int | None = 4,
     ):
         super().__init__()
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        one_of("dtype", dtype, DTYPES)
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
-        _check_count("max_new_tokens", max_new_tokens)
-        if nll_batch_size is not None:
-            _check_count("nll_batch_size", nll_batch_size, " or None")
+        positive_int("max_new_tokens", max_new_tokens)
+        positive_int("nll_batch_size", nll_batch_size, optional=True)
         self.save_hyperparameters()
         self.model, self.tokenizer = load_causal_lm(pretrained, dtype=DTYPES[dtype])
         if lora is not None:

@@ -21,6 +21,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import cast_adapter_dtype
 from torch import nn
 
+from rku_lightning.checks import fraction, positive_int
 from rku_lightning.pruning.families import get_adapter, unwrap_model
 
 ADAPTER = "default"
@@ -46,12 +47,10 @@ class LoRASettings:
         if "target_modules" in values:
             values["target_modules"] = tuple(values["target_modules"])
         settings = cls(**values)
-        if isinstance(settings.r, bool) or not isinstance(settings.r, int) or settings.r < 1:
-            raise ValueError(f"{field_name}.r must be an integer >= 1, got {settings.r!r}")
+        positive_int(f"{field_name}.r", settings.r)
         if not isinstance(settings.alpha, (int, float)) or not settings.alpha > 0:
             raise ValueError(f"{field_name}.alpha must be a positive number, got {settings.alpha!r}")
-        if not isinstance(settings.dropout, (int, float)) or not 0 <= settings.dropout < 1:
-            raise ValueError(f"{field_name}.dropout must be a number in [0, 1), got {settings.dropout!r}")
+        fraction(f"{field_name}.dropout", settings.dropout)
         targets = settings.target_modules
         if targets is not None and (not targets or not all(isinstance(t, str) for t in targets)):
             raise ValueError(f"{field_name}.target_modules must be a non-empty list of module names")
