@@ -8,14 +8,16 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 
-from .families import ModelAdapter
+from rku_lightning.checks import one_of
 
-Objective = Callable[[ModelAdapter, dict[str, torch.Tensor]], torch.Tensor]
+from .families import ModelFamily
+
+Objective = Callable[[ModelFamily, dict[str, torch.Tensor]], torch.Tensor]
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -30,8 +32,8 @@ def _labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
 
 
-def cross_entropy_objective(adapter: ModelAdapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits = adapter.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+def cross_entropy_objective(family: ModelFamily, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = family.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = _labels(batch)[:, 1:]
     logits = _at_least_fp32(logits[:, :-1])
     token_loss = F.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
@@ -39,11 +41,11 @@ def cross_entropy_objective(adapter: ModelAdapter, batch: dict[str, torch.Tensor
     return (token_loss * valid).sum(1) / valid.sum(1).clamp_min(1)
 
 
-def hidden_energy_objective(adapter: ModelAdapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def hidden_energy_objective(family: ModelFamily, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     captured: list[torch.Tensor] = []
-    handle = adapter.final_norm().register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    handle = family.final_norm().register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
     try:
-        adapter.decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        family.decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     finally:
         handle.remove()
     hidden = _at_least_fp32(captured[-1])
@@ -52,10 +54,9 @@ def hidden_energy_objective(adapter: ModelAdapter, batch: dict[str, torch.Tensor
     return (energy * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
+ObjectiveName = Literal["ce", "hidden"]
 OBJECTIVES: dict[str, Objective] = {"ce": cross_entropy_objective, "hidden": hidden_energy_objective}
 
 
-def get_objective(name: str) -> Objective:
-    if name not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {name!r}")
-    return OBJECTIVES[name]
+def get_objective(name: ObjectiveName) -> Objective:
+    return OBJECTIVES[one_of("objective", name, OBJECTIVES)]

@@ -22,7 +22,7 @@ from peft.tuners.tuners_utils import cast_adapter_dtype
 from torch import nn
 
 from rku_lightning.checks import fraction, positive_int
-from rku_lightning.pruning.families import get_adapter, unwrap_model
+from rku_lightning.pruning.families import get_family, unwrap_model
 
 ADAPTER = "default"
 
@@ -34,7 +34,7 @@ class LoRASettings:
     r: int = 16
     alpha: float = 32
     dropout: float = 0.05
-    #: None: every prunable projection, as the model family's adapter names them.
+    #: None: every prunable projection, as the model family names them.
     target_modules: tuple[str, ...] | None = None
 
     @classmethod
@@ -89,7 +89,7 @@ def inject_lora(model: nn.Module, settings: LoRASettings | Mapping | None = None
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules or get_adapter(hf_model).projection_names()),
+        target_modules=list(settings.target_modules or get_family(hf_model).projection_names()),
         bias="none",
     )
     inject_adapter_in_model(config, hf_model, adapter_name=ADAPTER)
