@@ -16,21 +16,22 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch import LightningDataModule, Trainer
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
-from rku_lightning.checks import positive_int
+from rku_lightning.checks import one_of, positive_int
 from rku_lightning.evaluation.calibration import calibration_batches
-from rku_lightning.evaluation.data import TASKS, Problem, load_problems
+from rku_lightning.evaluation.data import TASKS, Problem, Task, load_problems
 from rku_lightning.evaluation.generation import PromptDataset, collate_prompts
 from rku_lightning.evaluation.prompts import build_prompt, collate_left, encode_solution
 from rku_lightning.paths import shared_data_dir
 
-CALIBRATION_TEXTS = ("solutions", "questions")
+CalibrationText = Literal["solutions", "questions"]
+CALIBRATION_TEXTS: tuple[str, ...] = get_args(CalibrationText)
 #: Room the solution needs after the prompt; longer prompts are dropped from training data.
 MIN_SOLUTION_TOKENS = 32
 
@@ -41,8 +42,8 @@ def _looks_local(source: str) -> bool:
 
 
 def _check_source(field: str, source: str | None, task: str | None) -> None:
-    if task is not None and task not in TASKS:
-        raise ValueError(f"{field.replace('_data', '_task')} must be one of {TASKS}, got {task!r}")
+    if task is not None:
+        one_of(field.replace("_data", "_task"), task, TASKS)
     if source is not None and _looks_local(source) and not Path(source).expanduser().exists():
         raise ValueError(f"{field}: {source} does not exist (give a local JSONL file or folder, or a hub dataset id)")
 
@@ -130,20 +131,20 @@ class ReasoningDataModule(LightningDataModule):
     def __init__(
         self,
         train_data: str | None = None,
-        train_task: str = "gsm8k",
+        train_task: Task = "gsm8k",
         train_split: str = "train",
         val_data: str | None = None,
-        val_task: str = "gsm8k",
+        val_task: Task = "gsm8k",
         val_split: str = "test",
         val_limit: int | None = 64,
         ood_data: str | None = None,
-        ood_task: str | None = "svamp",
+        ood_task: Task | None = "svamp",
         ood_split: str = "test",
         ood_limit: int | None = 64,
         ood_fields: dict[str, str] | None = None,
         calibration_data: str | None = None,
         calibration_split: str | None = None,
-        calibration_text: str = "solutions",
+        calibration_text: CalibrationText = "solutions",
         calibration_samples: int = 128,
         batch_size: int = 4,
         eval_batch_size: int = 8,
@@ -160,8 +161,7 @@ class ReasoningDataModule(LightningDataModule):
             ("calibration_data", calibration_data, None),
         ):
             _check_source(field, source, task)
-        if calibration_text not in CALIBRATION_TEXTS:
-            raise ValueError(f"calibration_text must be one of {CALIBRATION_TEXTS}, got {calibration_text!r}")
+        one_of("calibration_text", calibration_text, CALIBRATION_TEXTS)
         for field, value in (
             ("batch_size", batch_size),
             ("eval_batch_size", eval_batch_size),
