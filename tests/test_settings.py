@@ -63,6 +63,14 @@ def test_defaults_are_the_settings_defaults():
         assert {name: parameters[name].default for name in defaults} == defaults, target.__name__
 
 
+def test_the_pruner_and_the_callback_keep_each_value_in_its_field():
+    values = dict(importance="taylor", allocation="joint", objective="hidden", attention="none", min_mlp_keep=0.2,
+                  micro_batch_size=3, seed=5)
+    expected = PruningSettings(**values)
+    assert StructuredPruner(tiny_model("llama"), **values, progress=False).settings == expected
+    assert RKUPruning(**values).settings == expected
+
+
 def test_objective_literal_names_every_objective():
     assert set(OBJECTIVES) == set(ObjectiveName.__args__)
 
