@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_CLASSES, tiny_batches, tiny_model
+from conftest import TINY_CLASSES, tiny_batches, tiny_config, tiny_model
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaModel
 
 from rku_lightning import StructuredPruner, compact, load_pruned, save_pruned
 from rku_lightning.pruning.families import FAMILIES, LlamaFamily, ModelFamily, base_linear, get_family, register_family
@@ -98,6 +98,11 @@ def test_an_unregistered_model_type_names_the_supported_ones():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
     with pytest.raises(NotImplementedError, match="'gpt2'.*llama \\(LlamaForCausalLM\\), mistral .*qwen2"):
         get_family(gpt2)
+
+
+def test_a_model_without_lm_head_is_refused_by_name():
+    with pytest.raises(NotImplementedError, match="LlamaModel has no LM head.*LlamaForCausalLM"):
+        get_family(LlamaModel(tiny_config("llama")))
 
 
 def test_registering_a_served_model_type_or_an_abstract_family_is_an_error():

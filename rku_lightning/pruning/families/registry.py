@@ -49,4 +49,9 @@ def get_family(model: nn.Module) -> ModelFamily:
             f"{type(model).__name__} (model_type {model_type!r}) is not supported for structural pruning; "
             f"supported model types: {supported_families()}"
         )
+    if model.get_output_embeddings() is None:
+        raise NotImplementedError(
+            f"{type(model).__name__} has no LM head; structural pruning needs the causal LM "
+            f"({MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, 'the ...ForCausalLM class')})"
+        )
     return FAMILIES[model_type](model)
