@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from rku_lightning.pruning.pruner import StructuredPruner
 from rku_lightning.pruning.settings import ALLOCATIONS, ATTENTION_MODES, PruningSettings
 
 
-def _choices(values) -> str:
+def _choices(values: Iterable[str]) -> str:
     """Choices shown in --help; PruningSettings checks them, so that the CLI refuses with the callback's message."""
     return "{" + ",".join(values) + "}"
 
