@@ -15,7 +15,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from rku_lightning.pruning.pruner import ALLOCATIONS
+from rku_lightning.pruning.settings import ALLOCATIONS
 
 from . import oneshot, recover
 from .common import ROOT, is_done

@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from transformers import (
@@ -21,10 +21,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .files import sha256_file
+from .files import sha256_file, write_file_atomic, write_folder_atomic
 from .paths import cache_dir
 
 EMBEDDED_PREFIX = "embedded:"
+#: Weight dtypes a model can be loaded in, by the names configs and CLIs use.
+DTypeName = Literal["float32", "bfloat16", "float16"]
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(DTypeName)}
 
 
 @dataclass(frozen=True)
@@ -95,20 +98,16 @@ def embedded_gguf_path(name: str) -> Path:
     target = cache_dir() / spec.name / spec.filename
     if target.is_file() and target.with_suffix(".sha256").read_text().strip() == spec.sha256:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Assemble into a temporary file beside the target and rename: never a half-written GGUF.
-    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".part") as out:
-        for source in sources:
-            with open(source, "rb") as part:
-                while block := part.read(1 << 22):
-                    out.write(block)
-    tmp = Path(out.name)
-    try:
+
+    def assemble(tmp: Path) -> None:
+        with open(tmp, "wb") as out:
+            for source in sources:
+                with open(source, "rb") as part:
+                    shutil.copyfileobj(part, out, 1 << 22)
         _checked(tmp, spec)
-    except ValueError:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, target)
+
+    # Never a half-written or unverified GGUF under the target's name.
+    write_file_atomic(target, assemble)
     target.with_suffix(".sha256").write_text(spec.sha256 + "\n")
     return target
 
@@ -145,14 +144,12 @@ def _load_embedded(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreT
     if stamp.is_file() and stamp.read_text().strip() == EMBEDDED_MODELS[name].sha256:
         return _load(str(converted), dtype)
     model, tokenizer = _load_gguf(gguf, torch.float32)
-    converted.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".hf.", dir=converted.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "source.sha256").write_text(EMBEDDED_MODELS[name].sha256 + "\n")
-    if converted.exists():
-        shutil.rmtree(converted)
-    os.replace(tmp, converted)
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        (folder / "source.sha256").write_text(EMBEDDED_MODELS[name].sha256 + "\n")
+
+    write_folder_atomic(converted, overwrite=True, write=save)
     return model.to(dtype), tokenizer
 
 

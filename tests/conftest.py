@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny randomly initialised Llama / Qwen2 models built from configs, and the data folder."""
+"""Shared fixtures: tiny randomly initialised Llama / Mistral / Qwen2 models built from configs, and the data folder."""
 
 from __future__ import annotations
 
@@ -6,12 +6,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from rku_lightning.paths import shared_data_dir
+from rku_lightning.pruning.importance import Importance
+from rku_lightning.pruning.structures import num_units
 
 SHARED_DATA = shared_data_dir()
 VOCAB = 96
+#: model_type -> (config class, causal-LM class) of every family a tiny model is built for.
+TINY_CLASSES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
 
 
 def tiny_config(family: str, **overrides):
@@ -30,23 +46,27 @@ def tiny_config(family: str, **overrides):
         tie_word_embeddings=False,
     )
     common.update(overrides)
-    if family == "llama":
-        return LlamaConfig(**common)
-    if family == "qwen2":
-        return Qwen2Config(**common)
-    raise ValueError(family)
+    return TINY_CLASSES[family][0](**common)
 
 
 def tiny_model(family: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    model_cls = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}[family]
-    model = model_cls(tiny_config(family, **overrides)).eval()
+    model = TINY_CLASSES[family][1](tiny_config(family, **overrides)).eval()
     # Random init leaves biases at zero; give Qwen2's q/k/v biases values so that slicing them is tested.
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.normal_(0, 0.1)
     return model
+
+
+class LowIndexFirst(Importance):
+    """A user's own scorer, never registered: unit j scores j, so the lowest indices are pruned first."""
+
+    name = "low_index_first"
+
+    def layer_scores(self, view, kind, stats, alive):
+        return torch.arange(num_units(view, kind), dtype=torch.float64)
 
 
 def tiny_batches(n_batches: int = 3, batch_size: int = 2, seq_len: int = 12, seed: int = 0, pad: bool = True):

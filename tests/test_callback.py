@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import VOCAB, tiny_batches, tiny_model
+from conftest import VOCAB, LowIndexFirst, tiny_batches, tiny_model
 from torch.utils.data import DataLoader
 
 from rku_lightning import load_pruned
@@ -149,6 +149,29 @@ def test_compacts_and_exports_at_the_end(tmp_path):
         torch.testing.assert_close(loaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
     for name in ("report.json", "report.md", "sparsity_curve.png", "layer_profile.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
+
+
+def test_a_users_importance_plugs_in_through_the_callback(tmp_path):
+    scorer = LowIndexFirst()
+    rku = pruning(rounds=1, importance=scorer, attention="none", report_dir=str(tmp_path / "report"))
+    make_trainer(tmp_path, [rku]).fit(TinyLM(), TokenData())
+    assert rku.pruner.importance is scorer and rku.summary()["importance"] == "low_index_first"
+    channels = tiny_model("llama").config.intermediate_size
+    for layer in rku.plan["layers"]:
+        kept = layer["mlp_channels"]
+        assert len(kept) < channels and kept == list(range(channels - len(kept), channels))
+
+
+def test_an_importance_class_path_builds_the_users_scorer():
+    """How a config names its own scorer: `importance: {class_path: ..., init_args: ...}`."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(RKUPruning, "pruning")
+    config = parser.parse_args(['--pruning.importance={"class_path": "conftest.LowIndexFirst", "init_args": {"seed": 3}}'])
+    rku = parser.instantiate_classes(config).pruning
+    assert type(rku.settings.importance) is LowIndexFirst and rku.settings.importance.seed == 3
+    assert parser.instantiate_classes(parser.parse_args([])).pruning.settings.importance == "rku"
 
 
 def test_calibrates_from_the_train_loader_without_calibration_dataloader(tmp_path):

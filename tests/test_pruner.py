@@ -125,7 +125,7 @@ def test_gate_gradient_is_the_derivative_of_the_objective(family):
     def phi(scale: float) -> float:
         pruner.gates.mlp[1][channel] = scale
         with torch.no_grad():
-            value = float(pruner.objective(pruner.adapter, batch).sum())
+            value = float(pruner.objective(pruner.family, batch).sum())
         pruner.gates.mlp[1][channel] = 1.0
         return value
 
@@ -137,7 +137,7 @@ def test_gate_gradient_is_the_derivative_of_the_objective(family):
 
 def test_rku_divides_kinetic_utility_by_the_block_fisher_trace(family):
     _, pruner = calibrated(family)
-    view = pruner.adapter.layer_view(0)
+    view = pruner.family.layer_view(0)
     alive = torch.ones(view.num_channels, dtype=torch.bool)
     moments = pruner.stats.gradients("mlp", 0)
     expected = moments.abs_mean / torch.sqrt(moments.sq_mean.mean() + 1e-20)
@@ -264,7 +264,7 @@ def test_checkpointed_calibration_gives_the_same_statistics(family):
         pruner.calibrate(batches)
         states.append(pruner.stats.state_dict())
         calls.append(len(seen))
-        assert all("forward" not in layer.__dict__ for layer in pruner.adapter.decoder_layers())  # wrappers removed
+        assert all("forward" not in layer.__dict__ for layer in pruner.family.decoder_layers())  # wrappers removed
     assert calls == [2, 4]  # checkpointed layers really ran again in backward
     plain, checked = states
     assert plain["counts"] == checked["counts"] and plain["sums"].keys() == checked["sums"].keys()

@@ -28,15 +28,17 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from rku_lightning.checks import positive_int
 from rku_lightning.files import write_text_atomic
 from rku_lightning.memory import memory_snapshot, reset_peak_memory
 from rku_lightning.pruning.compaction import compact
 from rku_lightning.pruning.export import save_pruned
-from rku_lightning.pruning.families import SUPPORTED_ARCHITECTURES, get_adapter, unwrap_model
-from rku_lightning.pruning.importance import IMPORTANCES
-from rku_lightning.pruning.objectives import OBJECTIVES
-from rku_lightning.pruning.pruner import ALLOCATIONS, ATTENTION_MODES, PruneReport, StructuredPruner
-from rku_lightning.pruning.schedules import check_schedule, sparsity_at
+from rku_lightning.pruning.families import get_family, unwrap_model
+from rku_lightning.pruning.importance import Importance
+from rku_lightning.pruning.objectives import ObjectiveName
+from rku_lightning.pruning.pruner import PruneReport, StructuredPruner
+from rku_lightning.pruning.schedules import Schedule, check_schedule, sparsity_at
+from rku_lightning.pruning.settings import Allocation, Attention, PruningSettings
 from rku_lightning.training.lora import (
     LoRASettings,
     has_lora,
@@ -48,15 +50,10 @@ from rku_lightning.training.lora import (
 )
 
 PHASES = ("calibrate", "recover", "evaluate", "done")
-DEFAULT_LORA: dict[str, Any] = {"r": 16, "alpha": 32, "dropout": 0.05}
+#: LoRASettings' defaults as the mapping a config gives (target_modules: the family's projections).
+DEFAULT_LORA: dict[str, Any] = {k: v for k, v in vars(LoRASettings()).items() if k != "target_modules"}
 #: Validation metrics recorded per round: everything the validation loop logs under these prefixes.
 METRIC_PREFIXES = ("val/", "val_")
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 class RKUPruning(Callback):
@@ -65,9 +62,10 @@ class RKUPruning(Callback):
     Args:
         target_sparsity: fraction of decoder-layer parameters removed after the last round.
         rounds: number of prune-and-recover rounds.
-        schedule: `cubic`, `linear` or `constant` (see `rku_lightning.schedules`).
-        importance, objective, allocation, attention, min_mlp_keep, micro_batch_size: passed to
-            `StructuredPruner`.
+        schedule: `cubic`, `linear` or `constant` (see `rku_lightning.pruning.schedules`).
+        importance, objective, allocation, attention, min_mlp_keep, micro_batch_size, checkpoint_layers: the
+            `PruningSettings` of the run's `StructuredPruner` (`self.settings`); `importance` is a
+            registered name or an `Importance` (in a config: `class_path` and `init_args`).
         calibration_batches: batches per calibration pass, over all DDP ranks together (rank k takes
             batches k, k + W, ...), from the datamodule's or module's `calibration_dataloader()` if
             there is one, else from the train loader.
@@ -80,18 +78,19 @@ class RKUPruning(Callback):
             generations/round-N.jsonl: every validation answer (task, question index, gold and extracted
             answers, correct, tokens, text), gathered from all ranks.
         compact_at_end: remove masked structures physically after the last round.
-        seed: seeds every round (RNG streams and adapter re-initialisation), for resumable runs.
+        seed: seeds every round (RNG streams and LoRA adapter re-initialisation), for resumable runs,
+            and a named importance.
     """
 
     def __init__(
         self,
         target_sparsity: float = 0.4,
         rounds: int = 4,
-        schedule: str = "cubic",
-        importance: str = "rku",
-        objective: str = "ce",
-        allocation: str = "global",
-        attention: str = "groups",
+        schedule: Schedule = "cubic",
+        importance: str | Importance = "rku",
+        objective: ObjectiveName = "ce",
+        allocation: Allocation = "global",
+        attention: Attention = "groups",
         min_mlp_keep: float = 0.1,
         calibration_batches: int = 32,
         recovery_steps: int = 200,
@@ -101,36 +100,21 @@ class RKUPruning(Callback):
         compact_at_end: bool = True,
         micro_batch_size: int | None = None,
         seed: int = 0,
+        checkpoint_layers: bool = False,
     ):
         check_schedule(target_sparsity, rounds, schedule)
-        if importance not in IMPORTANCES:
-            raise ValueError(f"importance must be one of {sorted(IMPORTANCES)}, got {importance!r}")
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
-        if allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
-        if attention not in ATTENTION_MODES:
-            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
-        if not isinstance(min_mlp_keep, (int, float)) or not 0 <= min_mlp_keep < 1:
-            raise ValueError(f"min_mlp_keep must be a number in [0, 1), got {min_mlp_keep!r}")
-        if micro_batch_size is not None:
-            _positive_int("micro_batch_size", micro_batch_size)
+        self.settings = PruningSettings(
+            importance, allocation, objective, attention, min_mlp_keep, micro_batch_size, seed, checkpoint_layers
+        )
         self.target_sparsity = float(target_sparsity)
         self.rounds = rounds
         self.schedule = schedule
-        self.importance = importance
-        self.objective = objective
-        self.allocation = allocation
-        self.attention = attention
-        self.min_mlp_keep = float(min_mlp_keep)
-        self.micro_batch_size = micro_batch_size
-        self.calibration_batches = _positive_int("calibration_batches", calibration_batches)
-        self.recovery_steps = _positive_int("recovery_steps", recovery_steps)
+        self.calibration_batches = positive_int("calibration_batches", calibration_batches)
+        self.recovery_steps = positive_int("recovery_steps", recovery_steps)
         self.lora = None if lora is None else LoRASettings.from_mapping(lora, "lora")
         self.export_dir = Path(export_dir) if export_dir else None
         self.report_dir = Path(report_dir) if report_dir else None
         self.compact_at_end = compact_at_end
-        self.seed = seed
 
         self.pruner: StructuredPruner | None = None
         self.round = 0
@@ -153,12 +137,9 @@ class RKUPruning(Callback):
                 f"{type(pl_module).__name__}.model is {type(model).__name__}. See docs/lightning.md."
             )
         try:
-            get_adapter(model)
+            get_family(model)
         except NotImplementedError as error:
-            raise TypeError(
-                f"RKUPruning: {type(pl_module).__name__}.model is a {type(unwrap_model(model)).__name__}, "
-                f"which the engine cannot prune (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-            ) from error
+            raise TypeError(f"RKUPruning: {type(pl_module).__name__}.model: {error}") from error
         return unwrap_model(model)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -171,23 +152,8 @@ class RKUPruning(Callback):
             )
         if self.pruner is None:
             # Before LoRA injection: the engine counts the parameters it sees at creation as the model's size.
-            self.pruner = StructuredPruner(
-                model,
-                importance=self.importance,
-                allocation=self.allocation,
-                objective=self.objective,
-                attention=self.attention,
-                min_mlp_keep=self.min_mlp_keep,
-                micro_batch_size=self.micro_batch_size,
-                seed=self.seed,
-                progress=trainer.is_global_zero,
-            )
-            reachable = self.pruner.max_sparsity()
-            if self.target_sparsity > reachable:
-                raise ValueError(
-                    f"target_sparsity={self.target_sparsity} is unreachable: min_mlp_keep={self.min_mlp_keep} and one "
-                    f"attention group per layer cap this model at {reachable:.4f}"
-                )
+            self.pruner = StructuredPruner.from_settings(model, self.settings, progress=trainer.is_global_zero)
+            self.pruner.check_reachable(self.target_sparsity, "target_sparsity")
         if stage == "fit":
             if self.lora is not None and not has_lora(model):
                 inject_lora(model, self.lora)
@@ -233,7 +199,7 @@ class RKUPruning(Callback):
     def _start_round(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self.pruner is not None
         self.round += 1
-        seed_everything(self.seed + self.round, verbose=False)
+        seed_everything(self.settings.seed + self.round, verbose=False)
         target = sparsity_at(self.round, self.target_sparsity, self.rounds, self.schedule)
         start = time.perf_counter()
         self.pruner.reset()
@@ -259,7 +225,7 @@ class RKUPruning(Callback):
         self.phase = "evaluate"
 
     def _adapter_seed(self) -> int:
-        return self.seed * 1_000_003 + self.round
+        return self.settings.seed * 1_000_003 + self.round
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._eval_clock = time.perf_counter()
@@ -412,10 +378,10 @@ class RKUPruning(Callback):
             "target_sparsity": self.target_sparsity,
             "rounds": self.rounds,
             "schedule": self.schedule,
-            "importance": self.importance,
-            "objective": self.objective,
-            "allocation": self.allocation,
-            "attention": self.attention,
+            "importance": self.settings.importance_name,
+            "objective": self.settings.objective,
+            "allocation": self.settings.allocation,
+            "attention": self.settings.attention,
             "calibration_batches": self.calibration_batches,
             "recovery_steps": self.recovery_steps,
             "lora": None if self.lora is None else vars(self.lora).copy(),

@@ -18,12 +18,14 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rku_lightning.checks import positive_int
 from rku_lightning.evaluation.data import TASKS, Problem, load_problems
 from rku_lightning.evaluation.evaluate import evaluate_model, kl_to_reference
 from rku_lightning.evaluation.generation import DEFAULT_MAX_NEW_TOKENS
 from rku_lightning.evaluation.prompts import select_exemplars
 from rku_lightning.evaluation.traces import as_problems, cached_traces
 from rku_lightning.files import write_text_atomic
+from rku_lightning.loading import DTYPES
 from rku_lightning.paths import task_file
 from rku_lightning.pruning.export import PLAN_FILE
 
@@ -64,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-generate", action="store_true", help="skip generation (NLL and perplexity only)")
     parser.add_argument("--no-nll", action="store_true", help="skip CoT NLL and perplexity")
     parser.add_argument("--max-length", type=int, default=1024, help="token limit of scored sequences")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     parser.add_argument(
         "--reference-model",
         help="dense model to measure fidelity against: adds kl_to_reference (teacher-forced KL(reference || model) "
@@ -91,9 +93,10 @@ def _print_table(metrics: dict) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     for name in ("limit", "batch_size", "max_new_tokens", "max_length", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise SystemExit(f"--{name.replace('_', '-')}: must be a positive integer, got {value}")
+        try:
+            positive_int(f"--{name.replace('_', '-')}", getattr(args, name), optional=True)
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
     if args.threads:
         torch.set_num_threads(args.threads)
     data = args.data or str(default_data(args.task))
@@ -108,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         exemplars = select_exemplars(pool.problems, args.few_shot, args.seed, exclude=problems.problems)
 
     started = time.perf_counter()
-    model, tokenizer = load_model(args.model, getattr(torch, args.dtype))
+    model, tokenizer = load_model(args.model, DTYPES[args.dtype])
     load_s = time.perf_counter() - started
     reference, trace_record = None, None
     if args.reference_model:

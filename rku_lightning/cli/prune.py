@@ -9,31 +9,40 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
+from rku_lightning.checks import fraction
 from rku_lightning.evaluation.calibration import CALIBRATION_SOURCES, calibration_batches, self_calibration_problems
 from rku_lightning.evaluation.data import load_problems
 from rku_lightning.evaluation.traces import TRACE_FILTERS
-from rku_lightning.loading import load_causal_lm
+from rku_lightning.loading import DTYPES, load_causal_lm
 from rku_lightning.paths import task_file
 from rku_lightning.pruning.compaction import compact
 from rku_lightning.pruning.export import save_pruned
 from rku_lightning.pruning.importance import IMPORTANCES
 from rku_lightning.pruning.objectives import OBJECTIVES
-from rku_lightning.pruning.pruner import ALLOCATIONS, ATTENTION_MODES, StructuredPruner
+from rku_lightning.pruning.pruner import StructuredPruner
+from rku_lightning.pruning.settings import ALLOCATIONS, ATTENTION_MODES, PruningSettings
+
+
+def _choices(values: Iterable[str]) -> str:
+    """Choices shown in --help; PruningSettings checks them, so that the CLI refuses with the callback's message."""
+    return "{" + ",".join(values) + "}"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rku_lightning.cli.prune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="hub id, folder, .gguf file or embedded:NAME")
     parser.add_argument("--sparsity", type=float, required=True, help="fraction of decoder-layer parameters to remove, in [0, 1)")
-    parser.add_argument("--importance", default="rku", choices=sorted(IMPORTANCES))
-    parser.add_argument("--allocation", default="global", choices=ALLOCATIONS)
-    parser.add_argument("--objective", default="ce", choices=sorted(OBJECTIVES))
-    parser.add_argument("--attention", default="groups", choices=ATTENTION_MODES)
+    parser.add_argument("--importance", default="rku", metavar=_choices(sorted(IMPORTANCES)))
+    parser.add_argument("--allocation", default="global", metavar=_choices(ALLOCATIONS))
+    parser.add_argument("--objective", default="ce", metavar=_choices(OBJECTIVES))
+    parser.add_argument("--attention", default="groups", metavar=_choices(ATTENTION_MODES))
     parser.add_argument("--min-mlp-keep", type=float, default=0.1)
+    parser.add_argument("--micro-batch-size", type=int, help="split calibration batches to bound activation memory")
     parser.add_argument("--calibration", default=str(task_file("gsm8k", "train")), help="GSM8K-style JSONL path or hub id")
     parser.add_argument("--calibration-task", default="gsm8k", choices=("gsm8k", "svamp", "jsonl"))
     parser.add_argument(
@@ -51,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-length", type=int, default=384, help="tokens per calibration sequence")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sample and of a named importance")
+    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", required=True, help="export folder (written atomically)")
     parser.add_argument("--overwrite", action="store_true")
@@ -60,24 +69,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    if not 0 <= args.sparsity < 1:
-        raise SystemExit(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        fraction("sparsity", args.sparsity)
+        settings = PruningSettings(
+            importance=args.importance,
+            allocation=args.allocation,
+            objective=args.objective,
+            attention=args.attention,
+            min_mlp_keep=args.min_mlp_keep,
+            micro_batch_size=args.micro_batch_size,
+            seed=args.seed,
+            checkpoint_layers=args.checkpoint_layers,
+        )
+    except ValueError as error:
+        parser.error(str(error))
     if Path(args.out).exists() and not args.overwrite:
         raise SystemExit(f"--out {args.out} already exists; choose a new folder or pass --overwrite")
     started = time.perf_counter()
-    model, tokenizer = load_causal_lm(args.model, dtype=getattr(torch, args.dtype))
+    model, tokenizer = load_causal_lm(args.model, dtype=DTYPES[args.dtype])
     model.to(args.device)
-    pruner = StructuredPruner(
-        model,
-        importance=args.importance,
-        allocation=args.allocation,
-        objective=args.objective,
-        attention=args.attention,
-        min_mlp_keep=args.min_mlp_keep,
-        seed=args.seed,
-        checkpoint_layers=args.checkpoint_layers,
-    )
+    pruner = StructuredPruner.from_settings(model, settings)
     traces = None
     if pruner.importance.needs_calibration:
         problems = load_problems(args.calibration, task=args.calibration_task, split="train").problems

@@ -15,6 +15,8 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rku_lightning.checks import positive_int
+
 from .data import Problem
 from .prompts import build_prompt, collate_left, encode_prompts, encode_solution
 from .traces import TraceFilter, as_problems, cached_traces
@@ -24,8 +26,7 @@ CALIBRATION_SOURCES: tuple[str, ...] = ("gold", "self")
 
 def sample_problems(problems: Sequence[Problem], samples: int, seed: int = 0) -> list[Problem]:
     """A seeded sample of `samples` problems in source order (all of them if there are fewer)."""
-    if samples < 1:
-        raise ValueError(f"samples must be a positive integer, got {samples}")
+    positive_int("samples", samples)
     chosen = sorted(random.Random(seed).sample(range(len(problems)), min(samples, len(problems))))
     return [problems[i] for i in chosen]
 

@@ -13,14 +13,17 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import datasets
 
+from rku_lightning.checks import one_of, positive_int
 from rku_lightning.files import sha256_file
 
 from .metrics import parse_number
 
-TASKS = ("gsm8k", "svamp", "jsonl")
+Task = Literal["gsm8k", "svamp", "jsonl"]
+TASKS: tuple[str, ...] = get_args(Task)
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,7 @@ def _resolve_local(source: Path, split: str | None) -> Path:
 
 def load_problems(
     source: str | os.PathLike,
-    task: str = "gsm8k",
+    task: Task = "gsm8k",
     split: str | None = None,
     question_field: str | None = None,
     answer_field: str | None = None,
@@ -156,10 +159,8 @@ def load_problems(
     Malformed local lines are skipped with a warning naming file and line (an error when `strict`);
     a set with no usable record is always an error. `limit` keeps the first N records.
     """
-    if task not in TASKS:
-        raise ValueError(f"task: {task!r} is not supported; choose one of {TASKS}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit: must be a positive number of records, got {limit}")
+    one_of("task", task, TASKS)
+    positive_int("limit", limit, optional=True)
     defaults = DEFAULT_FIELDS[task]
     fields = FieldSpec(
         question=question_field or defaults.question,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -28,9 +27,6 @@ from .metrics import (
     summarise_nll,
 )
 from .prompts import build_prompt, collate_left, encode_solution
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-PRUNED_MARKER = "pruning.json"
 
 
 def _number(value: torch.Tensor | float | int) -> float | int | None:

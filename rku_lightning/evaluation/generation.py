@@ -14,6 +14,8 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rku_lightning.checks import positive_int
+
 from .data import Problem
 from .prompts import build_prompt, encode_prompts, stop_strings
 
@@ -56,8 +58,7 @@ def generate_batch(
     Deterministic (no sampling, eval mode for the call). The prompt is stripped; text after a
     plain-text stop string (a run-on next question) is cut.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+    positive_int("max_new_tokens", max_new_tokens)
     if not prompts:
         return [], []
     eos = list(eos_token_ids) if eos_token_ids is not None else stop_token_ids(model, tokenizer)
@@ -100,8 +101,7 @@ def iter_generations(
     progress: bool = True,
 ) -> Iterator[tuple[list[str], list[int]]]:
     """`generate_batch` over consecutive batches, with a tqdm bar counting questions."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    positive_int("batch_size", batch_size)
     eos = stop_token_ids(model, tokenizer)
     with tqdm(total=len(prompts), desc="generating", unit="q", disable=not progress) as bar:
         for start in range(0, len(prompts), batch_size):

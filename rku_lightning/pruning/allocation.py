@@ -5,11 +5,12 @@ structure type), `uniform` (the same budget in every layer) or `joint` (one rank
 Each layer offers, per type, an ordered list of removal *steps* (lowest score first): one MLP
 channel, or one attention group, or (in `query_heads` mode) one query head from every group of the
 layer so that all groups keep the same q-per-kv ratio. A pool of layers (all layers for `global`
-and `joint`, one layer for `uniform`) fills its budget in two passes:
+and `joint`, one layer for `uniform`) fills its budget in three passes:
 
 1. attention takes its proportional share of the budget (steps are coarse, so never more);
-2. MLP channels fill the rest to the nearest channel; if MLP hits its min-keep floor, attention
-   takes more steps. A budget that the min-keep rules cannot reach is a `ValueError`.
+2. MLP channels fill the rest to the nearest channel;
+3. if MLP hit its min-keep floor, attention takes more steps to land the budget.
+A budget that the min-keep rules cannot reach is refused before any pass (`StructuredPruner.check_reachable`).
 
 `joint` replaces pass 1 by one greedy pass over all steps in order of score per parameter
 removed (the knapsack rule: cheapest loss per parameter first); passes 2 and 3 then land the

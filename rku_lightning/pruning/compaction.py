@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .families import LayerView, ModelAdapter, base_linear, get_adapter, unwrap_model
+from .families import LayerView, ModelFamily, base_linear, get_family, unwrap_model
 
 
 def _slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
@@ -30,7 +30,7 @@ def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).flatten()
 
 
-def keep_layer(adapter: ModelAdapter, view: LayerView, channels: torch.Tensor, heads: torch.Tensor, groups: torch.Tensor) -> None:
+def keep_layer(family: ModelFamily, view: LayerView, channels: torch.Tensor, heads: torch.Tensor, groups: torch.Tensor) -> None:
     """Keep only these MLP channels, query heads and KV groups of one layer (indices into its current shapes)."""
     if heads.numel() % max(groups.numel(), 1) or groups.numel() == 0:
         raise ValueError(f"layer {view.index}: every kept KV group must keep the same number of query heads")
@@ -42,7 +42,7 @@ def keep_layer(adapter: ModelAdapter, view: LayerView, channels: torch.Tensor, h
     _slice_linear(base_linear(view.o), cols=head_rows)
     for module in view.kv_rows:
         _slice_linear(base_linear(module), rows=_head_rows(groups, view.head_dim))
-    adapter.set_attention_shape(view, int(heads.numel()), int(groups.numel()))
+    family.set_attention_shape(view, int(heads.numel()), int(groups.numel()))
 
 
 def layer_shapes_uniform(plan: dict) -> bool:
@@ -52,9 +52,9 @@ def layer_shapes_uniform(plan: dict) -> bool:
 
 def apply_plan(model: nn.Module, plan: dict) -> None:
     """Give a freshly built dense model the per-layer shapes recorded in `plan` (used when loading)."""
-    adapter = get_adapter(model)
-    for view, layer in zip(adapter.views(), plan["layers"]):
-        keep_layer(adapter, view, *(torch.tensor(layer[k]) for k in ("mlp_channels", "heads", "kv_groups")))
+    family = get_family(model)
+    for view, layer in zip(family.views(), plan["layers"]):
+        keep_layer(family, view, *(torch.tensor(layer[k]) for k in ("mlp_channels", "heads", "kv_groups")))
 
 
 def _compose(previous: dict | None, layer: int, key: str, kept: list[int]) -> list[int]:
@@ -78,7 +78,7 @@ def compact(model: nn.Module) -> dict:
         raise ValueError("compact: the model has no pruning masks; run StructuredPruner(model).prune(...) first")
     if any(hasattr(m, "base_layer") for m in model.modules()):
         raise ValueError("compact: the model still has LoRA adapters; merge them first (peft merge_and_unload)")
-    adapter = get_adapter(model)
+    family = get_family(model)
     config = model.config
     previous = getattr(model, "rku_pruning_plan", None)
     original = (previous or {}).get("original") or {
@@ -86,11 +86,11 @@ def compact(model: nn.Module) -> dict:
         "intermediate_size": config.intermediate_size,
         "num_attention_heads": config.num_attention_heads,
         "num_key_value_heads": config.num_key_value_heads,
-        "head_dim": adapter.layer_view(0).head_dim,
+        "head_dim": family.layer_view(0).head_dim,
     }
     layers = []
     with torch.no_grad():
-        for view in adapter.views():
+        for view in family.views():
             channels = torch.nonzero(gates.mlp[view.index].cpu() > 0).flatten()
             heads = torch.nonzero(gates.heads[view.index].cpu() > 0).flatten()
             groups = torch.nonzero((gates.heads[view.index].cpu() > 0).view(view.num_groups, -1).any(1)).flatten()
@@ -101,7 +101,7 @@ def compact(model: nn.Module) -> dict:
                     "kv_groups": _compose(previous, view.index, "kv_groups", groups.tolist()),
                 }
             )
-            keep_layer(adapter, view, channels, heads, groups)
+            keep_layer(family, view, channels, heads, groups)
     gates.detach()
     del model.rku_gates
     plan = {**gates.info, "original": original, "layers": layers}
@@ -109,7 +109,7 @@ def compact(model: nn.Module) -> dict:
     if plan["uniform_shapes"]:
         first = layers[0]
         config.update(
-            adapter.uniform_config_update(
+            family.uniform_config_update(
                 len(first["mlp_channels"]), len(first["heads"]), len(first["kv_groups"]), original["head_dim"]
             )
         )

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,37 +23,13 @@ from transformers import (
 )
 from transformers.initialization import no_init_weights
 
-from rku_lightning.files import share_like_open
+from rku_lightning.files import write_folder_atomic
 from rku_lightning.loading import prepare_tokenizer
 
 from .compaction import apply_plan
 from .families import unwrap_model
 
 PLAN_FILE = "pruning.json"
-
-
-def _write_atomically(out_dir: Path, overwrite: bool, write) -> None:
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"out_dir {out_dir} already exists; choose a new folder or pass overwrite=True")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        write(tmp)
-        # mkdtemp makes a private folder; exports are meant to be shared like save_pretrained's.
-        for path in [tmp, *tmp.rglob("*")]:
-            share_like_open(path)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_pruned(
@@ -85,9 +59,7 @@ def save_pruned(
             tokenizer.save_pretrained(folder)
         (folder / PLAN_FILE).write_text(json.dumps({**plan, **(metadata or {})}, indent=2))
 
-    out_dir = Path(out_dir)
-    _write_atomically(out_dir, overwrite, write)
-    return out_dir
+    return write_folder_atomic(out_dir, overwrite, write)
 
 
 def load_pruned(

@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .families import ModelAdapter
-from .structures import ATTN_IN, DOWN_IN, MLP_IN, O_IN
+from .families import ModelFamily
+from .structures import ATTN_IN, DOWN_IN, MLP_IN, O_IN, UnitKind
 
 Recorder = Callable[[str, int, torch.Tensor], None]
 
@@ -27,13 +27,13 @@ Recorder = Callable[[str, int, torch.Tensor], None]
 class StructureGates:
     """0/1 masks per layer (`mlp[i]`: [channels], `heads[i]`: [query heads]) and the hooks that apply them."""
 
-    def __init__(self, adapter: ModelAdapter):
-        self.adapter = adapter
-        views = adapter.views()
+    def __init__(self, family: ModelFamily):
+        self.family = family
+        views = family.views()
         self.mlp: list[torch.Tensor] = [torch.ones(v.num_channels) for v in views]
         self.heads: list[torch.Tensor] = [torch.ones(v.num_heads) for v in views]
         self.head_dim: list[int] = [v.head_dim for v in views]
-        self.scoring: dict[str, list[torch.Tensor]] | None = None
+        self.scoring: dict[UnitKind, list[torch.Tensor]] | None = None
         self.recorder: Recorder | None = None
         #: How the masks were made (method, allocation, rounds); written into `pruning.json` on export.
         self.info: dict = {}
@@ -43,7 +43,7 @@ class StructureGates:
     # -- hooks -----------------------------------------------------------------------------------
     def _targets(self) -> list[tuple[nn.Module, str, int]]:
         targets = []
-        for view in self.adapter.views():
+        for view in self.family.views():
             targets += [(view.mlp_rows[0], MLP_IN, view.index), (view.q, ATTN_IN, view.index)]
             targets += [(view.mlp_out, DOWN_IN, view.index), (view.o, O_IN, view.index)]
         return targets
@@ -85,16 +85,19 @@ class StructureGates:
 
         return hook
 
-    def _gate(self, kind: str, index: int, x: torch.Tensor) -> torch.Tensor | None:
+    def _masks(self, kind: UnitKind) -> list[torch.Tensor]:
+        return self.mlp if kind == "mlp" else self.heads
+
+    def _gate(self, kind: UnitKind, index: int, x: torch.Tensor) -> torch.Tensor | None:
         """The gate to apply: a per-sample scoring gate [batch, units], a mask [units], or None (all ones)."""
         if self.scoring is not None:
             return self.scoring[kind][index]
-        mask = (self.mlp if kind == "mlp" else self.heads)[index]
+        mask = self._masks(kind)[index]
         if bool((mask == 1).all()):
             return None
         if mask.device != x.device:
             mask = mask.to(x.device)
-            (self.mlp if kind == "mlp" else self.heads)[index] = mask
+            self._masks(kind)[index] = mask
         return mask
 
     def _gate_mlp(self, x: torch.Tensor, index: int) -> torch.Tensor:
@@ -104,7 +107,7 @@ class StructureGates:
         return x * (gate[:, None, :] if gate.dim() == 2 else gate).to(x.dtype)
 
     def _gate_heads(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        gate = self._gate("heads", index, x)
+        gate = self._gate("head", index, x)
         if gate is None:
             return x
         d = self.head_dim[index]
@@ -113,11 +116,11 @@ class StructureGates:
         return (shaped * g.to(x.dtype)).view_as(x)
 
     # -- scoring gates ---------------------------------------------------------------------------
-    def start_scoring(self, batch_size: int, device: torch.device) -> dict[str, list[torch.Tensor]]:
-        """Per-sample leaf gates equal to the current masks; their `.grad` is G_s(x)."""
+    def start_scoring(self, batch_size: int, device: torch.device) -> dict[UnitKind, list[torch.Tensor]]:
+        """Per-sample leaf gates equal to the current masks, keyed by unit kind as statistics are; their `.grad` is G_s(x)."""
         self.scoring = {
-            "mlp": [m.to(device).expand(batch_size, -1).clone().requires_grad_(True) for m in self.mlp],
-            "heads": [m.to(device).expand(batch_size, -1).clone().requires_grad_(True) for m in self.heads],
+            kind: [m.to(device).expand(batch_size, -1).clone().requires_grad_(True) for m in self._masks(kind)]
+            for kind in ("mlp", "head")
         }
         return self.scoring
 

@@ -8,14 +8,16 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 
-from .families import ModelAdapter
+from rku_lightning.checks import one_of
 
-Objective = Callable[[ModelAdapter, dict[str, torch.Tensor]], torch.Tensor]
+from .families import ModelFamily
+
+Objective = Callable[[ModelFamily, dict[str, torch.Tensor]], torch.Tensor]
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -30,25 +32,25 @@ def _labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
 
 
-def cross_entropy_objective(adapter: ModelAdapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def cross_entropy_objective(family: ModelFamily, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     # No KV cache: a checkpointed layer would append its keys twice when it recomputes.
-    hidden = adapter.decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    hidden = family.decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     labels = _labels(batch)[:, 1:]
     valid = labels != -100
     # Logits of the labelled positions only: a masked prompt needs none, and with a 150k-token
     # vocabulary the full (batch, length, vocabulary) logits and their gradient dominate scoring memory.
-    logits = _at_least_fp32(adapter.model.get_output_embeddings()(hidden.last_hidden_state[:, :-1][valid]))
+    logits = _at_least_fp32(family.model.get_output_embeddings()(hidden.last_hidden_state[:, :-1][valid]))
     token_loss = F.cross_entropy(logits, labels[valid], reduction="none")
     rows = valid.nonzero()[:, 0]
     sums = torch.zeros(labels.shape[0], dtype=token_loss.dtype, device=token_loss.device).index_add(0, rows, token_loss)
     return sums / valid.sum(1).clamp_min(1).to(sums.dtype)
 
 
-def hidden_energy_objective(adapter: ModelAdapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def hidden_energy_objective(family: ModelFamily, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     captured: list[torch.Tensor] = []
-    handle = adapter.final_norm().register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    handle = family.final_norm().register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
     try:
-        adapter.decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        family.decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     finally:
         handle.remove()
     hidden = _at_least_fp32(captured[-1])
@@ -57,10 +59,9 @@ def hidden_energy_objective(adapter: ModelAdapter, batch: dict[str, torch.Tensor
     return (energy * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
+ObjectiveName = Literal["ce", "hidden"]
 OBJECTIVES: dict[str, Objective] = {"ce": cross_entropy_objective, "hidden": hidden_energy_objective}
 
 
-def get_objective(name: str) -> Objective:
-    if name not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {name!r}")
-    return OBJECTIVES[name]
+def get_objective(name: ObjectiveName) -> Objective:
+    return OBJECTIVES[one_of("objective", name, OBJECTIVES)]

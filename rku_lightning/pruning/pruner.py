@@ -15,6 +15,8 @@ from typing import Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from rku_lightning.checks import fraction
+
 from .allocation import (
     LayerOffer,
     fill_pool,
@@ -24,15 +26,13 @@ from .allocation import (
     mlp_steps,
 )
 from .checkpointing import checkpointed_layers
-from .families import LayerView, get_adapter, unwrap_model
+from .families import LayerView, get_family, unwrap_model
 from .gates import StructureGates
-from .importance import Importance, get_importance
-from .objectives import get_objective
+from .importance import Importance
+from .objectives import ObjectiveName, get_objective
+from .settings import Allocation, Attention, PruningSettings
 from .statistics import CalibrationStatistics
 from .structures import base_param_count, head_param_count, kv_param_count, unit_param_counts
-
-ALLOCATIONS = ("global", "uniform", "joint")
-ATTENTION_MODES = ("groups", "query_heads", "none")
 
 
 @dataclass
@@ -107,12 +107,6 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _check_fraction(name: str, value: float, low_open: bool = False) -> float:
-    if not isinstance(value, (int, float)) or math.isnan(value) or not (0 <= value < 1) or (low_open and value == 0):
-        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
-    return float(value)
-
-
 class StructuredPruner:
     """Scores MLP channels and attention groups/heads of a causal LM and masks the weakest ones.
 
@@ -131,50 +125,49 @@ class StructuredPruner:
         micro_batch_size: split calibration batches to bound activation memory.
         checkpoint_layers: recompute decoder-layer activations in the backward pass of gradient scoring
             (exact gradients, a fraction of the activation memory, one more forward pass of compute).
-        seed: seed of the `random` importance.
+        seed: seed of a named importance (only `random` draws from it).
+        progress: show tqdm bars.
+
+    The arguments (all but `model` and `progress`) are validated as one `PruningSettings`, kept as
+    `self.settings`; `from_settings` builds a pruner from one.
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
         importance: str | Importance = "rku",
-        allocation: str = "global",
-        objective: str = "ce",
-        attention: str = "groups",
+        allocation: Allocation = "global",
+        objective: ObjectiveName = "ce",
+        attention: Attention = "groups",
         min_mlp_keep: float = 0.1,
         micro_batch_size: int | None = None,
         seed: int = 0,
-        progress: bool = True,
         checkpoint_layers: bool = False,
+        progress: bool = True,
     ):
-        if allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
-        if attention not in ATTENTION_MODES:
-            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
-        _check_fraction("min_mlp_keep", min_mlp_keep)
-        if micro_batch_size is not None and micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be a positive integer or None, got {micro_batch_size!r}")
-        self.importance = get_importance(importance, **({"seed": seed} if importance == "random" else {}))
-        self.objective_name = objective
-        self.objective = get_objective(objective)
-        self.allocation = allocation
-        self.attention = attention
-        self.min_mlp_keep = float(min_mlp_keep)
-        self.micro_batch_size = micro_batch_size
-        self.checkpoint_layers = checkpoint_layers
+        self.settings = PruningSettings(
+            importance, allocation, objective, attention, min_mlp_keep, micro_batch_size, seed, checkpoint_layers
+        )
+        self.importance = self.settings.build_importance()
+        self.objective = get_objective(self.settings.objective)
         self.progress = progress
         self.model = unwrap_model(model)
-        self.adapter = get_adapter(self.model)
+        self.family = get_family(self.model)
         gates = getattr(self.model, "rku_gates", None)
         if gates is None:
-            gates = StructureGates(self.adapter)
+            gates = StructureGates(self.family)
             self.model.rku_gates = gates
         self.gates: StructureGates = gates
         self.gates.attach()
         self.stats = CalibrationStatistics()
         self.history: list[PruneReport] = []
-        self._decoder_total = sum(base_param_count(layer) for layer in self.adapter.decoder_layers())
+        self._layer_totals = [base_param_count(layer) for layer in self.family.decoder_layers()]
+        self._decoder_total = sum(self._layer_totals)
         self._model_total = base_param_count(self.model)
+
+    @classmethod
+    def from_settings(cls, model: torch.nn.Module, settings: PruningSettings, progress: bool = True) -> StructuredPruner:
+        return cls(model, **settings.as_kwargs(), progress=progress)
 
     # -- calibration -----------------------------------------------------------------------------
     def reset(self) -> None:
@@ -204,7 +197,7 @@ class StructuredPruner:
             raise ValueError(f"calibration batches need input_ids and attention_mask, got keys {sorted(batch)}")
         keys = [k for k in ("input_ids", "attention_mask", "labels") if k in batch]
         size = batch["input_ids"].shape[0]
-        step = self.micro_batch_size or size
+        step = self.settings.micro_batch_size or size
         for start in range(0, size, step):
             yield {k: batch[k][start : start + step].to(device) for k in keys}
 
@@ -216,25 +209,25 @@ class StructuredPruner:
         try:
             if not self.importance.needs_gradients:
                 with torch.no_grad():
-                    self.adapter.decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                    self.family.decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 return
             gates = self.gates.start_scoring(batch["input_ids"].shape[0], batch["input_ids"].device)
             checkpointing = (
-                checkpointed_layers(self.adapter.decoder_layers(), self.gates.recording_paused)
-                if self.checkpoint_layers
+                checkpointed_layers(self.family.decoder_layers(), self.gates.recording_paused)
+                if self.settings.checkpoint_layers
                 else contextlib.nullcontext()
             )
             with torch.enable_grad(), checkpointing:
-                phi = self.objective(self.adapter, batch).sum()
-                leaves = gates["mlp"] + gates["heads"]
+                phi = self.objective(self.family, batch).sum()
+                leaves = gates["mlp"] + gates["head"]
                 grads = torch.autograd.grad(phi, leaves, allow_unused=True)
         finally:
             self.gates.recorder = None
             self.gates.stop_scoring()
         n = len(gates["mlp"])
-        for i, view in enumerate(self.adapter.views()):
+        for i, view in enumerate(self.family.views()):
             g_mlp = grads[i] if grads[i] is not None else torch.zeros_like(gates["mlp"][i])
-            g_heads = grads[n + i] if grads[n + i] is not None else torch.zeros_like(gates["heads"][i])
+            g_heads = grads[n + i] if grads[n + i] is not None else torch.zeros_like(gates["head"][i])
             self.stats.add_gradients("mlp", i, g_mlp)
             self.stats.add_gradients("head", i, g_heads)
             self.stats.add_gradients("group", i, g_heads.view(g_heads.shape[0], view.num_groups, -1).sum(-1))
@@ -251,11 +244,12 @@ class StructuredPruner:
         channel_cost = float(unit_param_counts(view, "mlp")[0])
         head_cost, kv_cost = float(head_param_count(view)), float(kv_param_count(view))
         group_cost = kv_cost + view.heads_per_group * head_cost
-        floor = max(1, math.ceil(self.min_mlp_keep * view.num_channels))
-        if self.attention == "groups":
+        attention_mode = self.settings.attention
+        floor = max(1, math.ceil(self.settings.min_mlp_keep * view.num_channels))
+        if attention_mode == "groups":
             kind, alive = "group", groups_alive
             attention_limit = max(0, int(groups_alive.sum()) - 1)
-        elif self.attention == "query_heads":
+        elif attention_mode == "query_heads":
             kind, alive = "head", heads_alive
             per_group = heads_alive.view(view.num_groups, view.heads_per_group).sum(1)
             attention_limit = max(0, int(per_group[groups_alive].min()) - 1) if bool(groups_alive.any()) else 0
@@ -268,7 +262,7 @@ class StructuredPruner:
             mlp = mlp_steps(view.index, mlp_scores, mlp_alive, channel_cost)
             if attention_limit > 0:
                 attn_scores = self.importance.layer_scores(view, kind, self.stats, alive).cpu().double()
-                if self.attention == "groups":
+                if attention_mode == "groups":
                     attention = group_steps(view.index, attn_scores, groups_alive, view.heads_per_group, group_cost)
                 else:
                     attention = head_slice_steps(view.index, attn_scores, heads_alive, view.heads_per_group, head_cost)
@@ -279,7 +273,7 @@ class StructuredPruner:
             attention=attention,
             attention_limit=attention_limit,
             mlp_step_cost=channel_cost,
-            attention_step_cost=group_cost if self.attention == "groups" else view.num_groups * head_cost,
+            attention_step_cost=group_cost if attention_mode == "groups" else view.num_groups * head_cost,
             removable_params=view.num_channels * channel_cost + view.num_groups * group_cost,
             attention_params=view.num_groups * group_cost,
             dead_mlp_params=float((~mlp_alive).sum()) * channel_cost,
@@ -288,7 +282,7 @@ class StructuredPruner:
 
     def _removed_params(self) -> float:
         total = 0.0
-        for view in self.adapter.views():
+        for view in self.family.views():
             offer = self._offer(view, with_scores=False)
             total += offer.dead_mlp_params + offer.dead_attention_params
         return total
@@ -297,9 +291,28 @@ class StructuredPruner:
         """Fraction of decoder-layer parameters removed so far."""
         return self._removed_params() / self._decoder_total
 
+    def _pools(self, offers: list[LayerOffer]) -> list[tuple[list[LayerOffer], float]]:
+        """The pools that each meet the budget, with the parameters it is a fraction of."""
+        if self.settings.allocation == "uniform":
+            return [([o], float(self._layer_totals[o.layer])) for o in offers]
+        return [(offers, float(self._decoder_total))]
+
+    def check_reachable(self, sparsity: float, name: str = "sparsity", offers: list[LayerOffer] | None = None) -> None:
+        """Raise ValueError (naming `name`) when the min-keep rules cannot reach `sparsity` in every pool."""
+        if offers is None:
+            offers = [self._offer(view, with_scores=False) for view in self.family.views()]
+        for pool, pool_total in self._pools(offers):
+            reachable = max_removable(pool)
+            if reachable < sparsity * pool_total - min(o.mlp_step_cost for o in pool) / 2:
+                raise ValueError(
+                    f"{name}={sparsity} is unreachable: min_mlp_keep={self.settings.min_mlp_keep} and one attention group "
+                    f"per layer cap it at {reachable / pool_total:.4f} ({self.settings.allocation} allocation); "
+                    f"lower {name} or min_mlp_keep"
+                )
+
     def prune(self, sparsity: float) -> PruneReport:
         """Mask structures until `sparsity` of the decoder-layer parameters are removed (never revives)."""
-        _check_fraction("sparsity", sparsity)
+        fraction("sparsity", sparsity)
         if self.importance.needs_gradients and not self.stats.has_gradients or (
             self.importance.needs_activations and not self.stats.has_activations
         ):
@@ -312,21 +325,10 @@ class StructuredPruner:
                 f"sparsity {sparsity:.4f} is below the {current:.4f} already pruned; pruning never revives structures"
             )
         self.gates.attach()
-        views = self.adapter.views()
-        offers = [self._offer(view, with_scores=True) for view in views]
-        pools = [[o] for o in offers] if self.allocation == "uniform" else [offers]
-        layer_totals = [base_param_count(v.layer) for v in views]
-        plans = []
-        for pool in pools:
-            pool_total = layer_totals[pool[0].layer] if self.allocation == "uniform" else self._decoder_total
-            target = sparsity * pool_total
-            reachable = max_removable(pool)
-            if reachable < target - min(o.mlp_step_cost for o in pool) / 2:
-                raise ValueError(
-                    f"sparsity {sparsity} is unreachable: min_mlp_keep={self.min_mlp_keep} and one attention group per "
-                    f"layer cap it at {reachable / pool_total:.4f} ({self.allocation} allocation); lower sparsity or min_mlp_keep"
-                )
-            plans.append(fill_pool(pool, target, joint=self.allocation == "joint"))
+        offers = [self._offer(view, with_scores=True) for view in self.family.views()]
+        self.check_reachable(sparsity, offers=offers)
+        joint = self.settings.allocation == "joint"
+        plans = [fill_pool(pool, sparsity * pool_total, joint=joint) for pool, pool_total in self._pools(offers)]
         for plan in plans:
             for layer, channels in plan.channels.items():
                 self.gates.mlp[layer][channels] = 0.0
@@ -336,9 +338,9 @@ class StructuredPruner:
         self.history.append(report)
         self.gates.info = {
             "importance": self.importance.name,
-            "allocation": self.allocation,
-            "objective": self.objective_name,
-            "attention": self.attention,
+            "allocation": self.settings.allocation,
+            "objective": self.settings.objective,
+            "attention": self.settings.attention,
             "calibration_samples": self.stats.num_samples(),
             "rounds": [{"target_sparsity": r.target_sparsity, "sparsity": r.sparsity} for r in self.history],
         }
@@ -346,12 +348,12 @@ class StructuredPruner:
 
     def max_sparsity(self) -> float:
         """The highest sparsity the min-keep rules allow (global allocation)."""
-        return max_removable([self._offer(v, with_scores=False) for v in self.adapter.views()]) / self._decoder_total
+        return max_removable([self._offer(v, with_scores=False) for v in self.family.views()]) / self._decoder_total
 
     # -- reporting and state ---------------------------------------------------------------------
     def report(self, target_sparsity: float | None = None) -> PruneReport:
         removed = self._removed_params()
-        views = self.adapter.views()
+        views = self.family.views()
         bytes_per = next(self.model.parameters()).element_size()
         layers, kv_before, kv_after = [], 0, 0
         for view in views:
@@ -372,9 +374,9 @@ class StructuredPruner:
             kv_cache_bytes_per_token_before=kv_before,
             kv_cache_bytes_per_token_after=kv_after,
             importance=self.importance.name,
-            allocation=self.allocation,
-            objective=self.objective_name,
-            attention=self.attention,
+            allocation=self.settings.allocation,
+            objective=self.settings.objective,
+            attention=self.settings.attention,
             layers=layers,
         )
 

@@ -7,22 +7,22 @@ to absorb it, and takes small steps near the target.
 
 from __future__ import annotations
 
-import math
+from typing import Literal, get_args
 
-SCHEDULES: tuple[str, ...] = ("cubic", "linear", "constant")
+from rku_lightning.checks import fraction, one_of, positive_int
+
+Schedule = Literal["cubic", "linear", "constant"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
 def check_schedule(target: float, rounds: int, schedule: str) -> None:
     """Raise ValueError naming the field when a schedule's arguments are out of range."""
-    if isinstance(target, bool) or not isinstance(target, (int, float)) or math.isnan(target) or not 0 < target < 1:
-        raise ValueError(f"target_sparsity must be a number in (0, 1), got {target!r}")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    fraction("target_sparsity", target, open_low=True)
+    positive_int("rounds", rounds)
+    one_of("schedule", schedule, SCHEDULES)
 
 
-def sparsity_at(round_index: int, target: float, rounds: int, schedule: str = "cubic") -> float:
+def sparsity_at(round_index: int, target: float, rounds: int, schedule: Schedule = "cubic") -> float:
     """Sparsity after round `round_index` (1-based) of `rounds`; the last round reaches `target`.
 
     cubic: s_r = s_T (1 - (1 - r/R)^3); linear: s_r = s_T r/R; constant: s_T from round 1 on (one
@@ -39,7 +39,7 @@ def sparsity_at(round_index: int, target: float, rounds: int, schedule: str = "c
     return float(target)
 
 
-def sparsity_schedule(target: float, rounds: int, schedule: str = "cubic") -> list[float]:
+def sparsity_schedule(target: float, rounds: int, schedule: Schedule = "cubic") -> list[float]:
     """The sparsity of every round, 1..rounds (non-decreasing, ends at `target`)."""
     check_schedule(target, rounds, schedule)
     return [sparsity_at(r, target, rounds, schedule) for r in range(1, rounds + 1)]

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .structures import UNIT_KINDS
+from .structures import UNIT_KINDS, UnitKind
 
 GRAD_FIELDS = ("abs", "sq", "sum")
-ACT_FIELDS = ("sum", "sq")
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ class CalibrationStatistics:
         else:
             self.sums[key] = value.clone()
 
-    def add_gradients(self, kind: str, layer: int, grads: torch.Tensor) -> None:
+    def add_gradients(self, kind: UnitKind, layer: int, grads: torch.Tensor) -> None:
         """Add per-sample gate gradients `grads` of shape [samples, units]."""
         grads = grads.detach().double()
         prefix = f"grad.{kind}.{layer}"
@@ -83,7 +82,7 @@ class CalibrationStatistics:
             self._add(f"{prefix}.sq", flat.pow(2).sum(0))
             self.counts[prefix] = self.counts.get(prefix, 0.0) + flat.shape[0]
 
-    def gradients(self, kind: str, layer: int) -> GradientMoments:
+    def gradients(self, kind: UnitKind, layer: int) -> GradientMoments:
         prefix = f"grad.{kind}.{layer}"
         if prefix not in self.counts:
             raise KeyError(f"no gradient statistics for {kind} units of layer {layer}; run calibrate() first")

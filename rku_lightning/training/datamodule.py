@@ -25,23 +25,27 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch import LightningDataModule, Trainer
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
+from rku_lightning.checks import one_of, positive_int
 from rku_lightning.evaluation.calibration import calibration_batches, sample_problems
-from rku_lightning.evaluation.data import TASKS, Problem, load_problems
+from rku_lightning.evaluation.data import TASKS, Problem, Task, load_problems
 from rku_lightning.evaluation.generation import PromptDataset, collate_prompts
 from rku_lightning.evaluation.prompts import build_prompt, collate_left, encode_solution
 from rku_lightning.evaluation.traces import TRACE_FILTERS, Trace, TraceFilter, as_problems, cached_traces, generate_traces
 from rku_lightning.paths import shared_data_dir
 
-CALIBRATION_TEXTS = ("solutions", "questions")
-TRAIN_SOURCES = ("gold", "self")
-CALIBRATION_SOURCES = ("gold", "self", "current")
+CalibrationText = Literal["solutions", "questions"]
+CALIBRATION_TEXTS: tuple[str, ...] = get_args(CalibrationText)
+TrainSource = Literal["gold", "self"]
+CalibrationSource = Literal["gold", "self", "current"]
+TRAIN_SOURCES: tuple[str, ...] = get_args(TrainSource)
+CALIBRATION_SOURCES: tuple[str, ...] = get_args(CalibrationSource)
 #: Room the solution needs after the prompt; longer prompts are dropped from training data.
 MIN_SOLUTION_TOKENS = 32
 
@@ -52,8 +56,8 @@ def _looks_local(source: str) -> bool:
 
 
 def _check_source(field: str, source: str | None, task: str | None) -> None:
-    if task is not None and task not in TASKS:
-        raise ValueError(f"{field.replace('_data', '_task')} must be one of {TASKS}, got {task!r}")
+    if task is not None:
+        one_of(field.replace("_data", "_task"), task, TASKS)
     if source is not None and _looks_local(source) and not Path(source).expanduser().exists():
         raise ValueError(f"{field}: {source} does not exist (give a local JSONL file or folder, or a hub dataset id)")
 
@@ -163,20 +167,20 @@ class ReasoningDataModule(LightningDataModule):
     def __init__(
         self,
         train_data: str | None = None,
-        train_task: str = "gsm8k",
+        train_task: Task = "gsm8k",
         train_split: str = "train",
         val_data: str | None = None,
-        val_task: str = "gsm8k",
+        val_task: Task = "gsm8k",
         val_split: str = "test",
         val_limit: int | None = 64,
         ood_data: str | None = None,
-        ood_task: str | None = "svamp",
+        ood_task: Task | None = "svamp",
         ood_split: str = "test",
         ood_limit: int | None = 64,
         ood_fields: dict[str, str] | None = None,
         calibration_data: str | None = None,
         calibration_split: str | None = None,
-        calibration_text: str = "solutions",
+        calibration_text: CalibrationText = "solutions",
         calibration_samples: int = 128,
         batch_size: int = 4,
         eval_batch_size: int = 8,
@@ -184,8 +188,8 @@ class ReasoningDataModule(LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         tokenizer: Any = None,
-        train_source: Literal["gold", "self"] = "gold",
-        calibration_source: Literal["gold", "self", "current"] = "gold",
+        train_source: TrainSource = "gold",
+        calibration_source: CalibrationSource = "gold",
         reference_traces: bool = True,
         trace_samples: int = 256,
         trace_keep: TraceFilter = "all",
@@ -200,15 +204,10 @@ class ReasoningDataModule(LightningDataModule):
             ("calibration_data", calibration_data, None),
         ):
             _check_source(field, source, task)
-        if calibration_text not in CALIBRATION_TEXTS:
-            raise ValueError(f"calibration_text must be one of {CALIBRATION_TEXTS}, got {calibration_text!r}")
-        for field, value, choices in (
-            ("train_source", train_source, TRAIN_SOURCES),
-            ("calibration_source", calibration_source, CALIBRATION_SOURCES),
-            ("trace_keep", trace_keep, TRACE_FILTERS),
-        ):
-            if value not in choices:
-                raise ValueError(f"{field} must be one of {choices}, got {value!r}")
+        one_of("calibration_text", calibration_text, CALIBRATION_TEXTS)
+        one_of("train_source", train_source, TRAIN_SOURCES)
+        one_of("calibration_source", calibration_source, CALIBRATION_SOURCES)
+        one_of("trace_keep", trace_keep, TRACE_FILTERS)
         if calibration_source != "gold" and calibration_text == "questions":
             raise ValueError("calibration_source: traces are answers; calibration_text='questions' needs calibration_source='gold'")
         for field, value in (
@@ -219,8 +218,7 @@ class ReasoningDataModule(LightningDataModule):
             ("trace_samples", trace_samples),
             ("trace_max_new_tokens", trace_max_new_tokens),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
+            positive_int(field, value)
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
         self.train_problems: list[Problem] = []

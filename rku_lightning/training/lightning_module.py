@@ -19,25 +19,20 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 
+from rku_lightning.checks import one_of, positive_int
 from rku_lightning.evaluation.generation import DEFAULT_MAX_NEW_TOKENS, generate_batch, stop_token_ids
 from rku_lightning.evaluation.metrics import ChainOfThoughtNLL, KLToReference, ReasoningAccuracy, score_answer
-from rku_lightning.loading import load_causal_lm
+from rku_lightning.loading import DTYPES, DTypeName, load_causal_lm
 
 from .distillation import RECOVERIES, Recovery, Teacher, check_distillation, distillation_loss
 from .lora import inject_lora
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IN_DISTRIBUTION, OUT_OF_DISTRIBUTION = 0, 1
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, as `generate` computes them, so training and decoding agree."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
-def _check_count(name: str, value: Any, alternatives: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1{alternatives}, got {value!r}")
 
 
 class CausalLMPruningModule(LightningModule):
@@ -68,7 +63,7 @@ class CausalLMPruningModule(LightningModule):
     def __init__(
         self,
         pretrained: str = "embedded:smollm2-135m-instruct",
-        dtype: str = "float32",
+        dtype: DTypeName = "float32",
         lr: float = 2e-4,
         weight_decay: float = 0.0,
         lora: dict[str, Any] | None = None,
@@ -80,22 +75,19 @@ class CausalLMPruningModule(LightningModule):
         kd_temperature: float = 1.0,
         kd_alpha: float = 0.0,
         kl_to_dense: bool = True,
-        teacher_dtype: str | None = None,
+        teacher_dtype: DTypeName | None = None,
         teacher_device: str | None = None,
     ):
         super().__init__()
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        one_of("dtype", dtype, DTYPES)
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
-        _check_count("max_new_tokens", max_new_tokens)
-        if nll_batch_size is not None:
-            _check_count("nll_batch_size", nll_batch_size, " or None")
-        if recovery not in RECOVERIES:
-            raise ValueError(f"recovery must be one of {RECOVERIES}, got {recovery!r}")
+        positive_int("max_new_tokens", max_new_tokens)
+        positive_int("nll_batch_size", nll_batch_size, optional=True)
+        one_of("recovery", recovery, RECOVERIES)
         check_distillation(kd_temperature, kd_alpha)
-        if teacher_dtype is not None and teacher_dtype not in DTYPES:
-            raise ValueError(f"teacher_dtype must be one of {sorted(DTYPES)} or None, got {teacher_dtype!r}")
+        if teacher_dtype is not None:
+            one_of("teacher_dtype", teacher_dtype, DTYPES)
         self.save_hyperparameters()
         self.model, self.tokenizer = load_causal_lm(pretrained, dtype=DTYPES[dtype])
         #: The dense model as loaded, before pruning or LoRA (None when neither KD nor kl_to_dense needs it).

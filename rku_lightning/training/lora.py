@@ -21,7 +21,8 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import cast_adapter_dtype
 from torch import nn
 
-from rku_lightning.pruning.families import get_adapter, unwrap_model
+from rku_lightning.checks import fraction, positive_int
+from rku_lightning.pruning.families import get_family, unwrap_model
 
 ADAPTER = "default"
 
@@ -33,7 +34,7 @@ class LoRASettings:
     r: int = 16
     alpha: float = 32
     dropout: float = 0.05
-    #: None: every prunable projection, as the model family's adapter names them.
+    #: None: every prunable projection, as the model family names them.
     target_modules: tuple[str, ...] | None = None
 
     @classmethod
@@ -46,12 +47,10 @@ class LoRASettings:
         if "target_modules" in values:
             values["target_modules"] = tuple(values["target_modules"])
         settings = cls(**values)
-        if isinstance(settings.r, bool) or not isinstance(settings.r, int) or settings.r < 1:
-            raise ValueError(f"{field_name}.r must be an integer >= 1, got {settings.r!r}")
+        positive_int(f"{field_name}.r", settings.r)
         if not isinstance(settings.alpha, (int, float)) or not settings.alpha > 0:
             raise ValueError(f"{field_name}.alpha must be a positive number, got {settings.alpha!r}")
-        if not isinstance(settings.dropout, (int, float)) or not 0 <= settings.dropout < 1:
-            raise ValueError(f"{field_name}.dropout must be a number in [0, 1), got {settings.dropout!r}")
+        fraction(f"{field_name}.dropout", settings.dropout)
         targets = settings.target_modules
         if targets is not None and (not targets or not all(isinstance(t, str) for t in targets)):
             raise ValueError(f"{field_name}.target_modules must be a non-empty list of module names")
@@ -90,7 +89,7 @@ def inject_lora(model: nn.Module, settings: LoRASettings | Mapping | None = None
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules or get_adapter(hf_model).projection_names()),
+        target_modules=list(settings.target_modules or get_family(hf_model).projection_names()),
         bias="none",
     )
     inject_adapter_in_model(config, hf_model, adapter_name=ADAPTER)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from rku_lightning.files import write_file_atomic, write_text_atomic  # noqa: E402
 
 #: Display names of the metrics `CausalLMPruningModule` logs, in table order; other `val/...` metrics follow.
 METRIC_LABELS: dict[str, str] = {
@@ -40,18 +41,6 @@ PHASE_TIMES = (
     ("time_evaluate_s", "evaluate s"),
 )
 FILES = ("report.json", "report.md", "sparsity_curve.png", "layer_profile.png")
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; reports are meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def metric_names(records: Sequence[dict]) -> list[str]:
@@ -96,7 +85,7 @@ def _markdown(records: Sequence[dict], run: dict) -> str:
     )
 
 
-def _plot_curve(records: Sequence[dict], path: str) -> None:
+def _plot_curve(records: Sequence[dict], path: Path) -> None:
     names = metric_names(records)
     groups = [
         ("accuracy", [m for m in names if m in ACCURACY_METRICS or m.endswith("_acc")]),
@@ -123,7 +112,7 @@ def _plot_curve(records: Sequence[dict], path: str) -> None:
     plt.close(fig)
 
 
-def _plot_layers(records: Sequence[dict], path: str) -> None:
+def _plot_layers(records: Sequence[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     panels = (("mlp_channels", "mlp_channels_total", "MLP channels kept"), ("kv_groups", "kv_groups_total", "attention groups kept"))
     for ax, (kept, total, title) in zip(axes, panels):
@@ -157,8 +146,8 @@ def write_reports(records: Sequence[dict], out_dir: str | os.PathLike, run: dict
     run = run or {}
     paths = {name: out / name for name in FILES}
     payload = json.dumps({"run": run, "rounds": records}, indent=2, default=str)
-    _atomic(paths["report.json"], lambda tmp: Path(tmp).write_text(payload))
-    _atomic(paths["report.md"], lambda tmp: Path(tmp).write_text(_markdown(records, run)))
-    _atomic(paths["sparsity_curve.png"], lambda tmp: _plot_curve(records, tmp))
-    _atomic(paths["layer_profile.png"], lambda tmp: _plot_layers(records, tmp))
+    write_text_atomic(paths["report.json"], payload)
+    write_text_atomic(paths["report.md"], _markdown(records, run))
+    write_file_atomic(paths["sparsity_curve.png"], lambda tmp: _plot_curve(records, tmp))
+    write_file_atomic(paths["layer_profile.png"], lambda tmp: _plot_layers(records, tmp))
     return paths

@@ -1,32 +1,19 @@
-"""One adapter per model family; `get_adapter` picks it from the model's class."""
+"""Model families: one `ModelFamily` per module layout, registered by `config.model_type`; `get_family` picks it."""
 
-from __future__ import annotations
+from .base import LayerView, ModelFamily, base_linear, unwrap_model
+from .llama import LlamaFamily
+from .qwen2 import Qwen2Family
+from .registry import FAMILIES, get_family, register_family, supported_families
 
-from transformers import PreTrainedModel
-
-from .base import LayerView, ModelAdapter, base_linear
-from .llama import LlamaAdapter
-from .qwen2 import Qwen2Adapter
-
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, Qwen2Adapter)
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(a for cls in ADAPTERS for a in cls.architectures)
-
-
-def unwrap_model(model) -> PreTrainedModel:
-    """The Hugging Face model inside a peft `PeftModel` (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def get_adapter(model) -> ModelAdapter:
-    model = unwrap_model(model)
-    name = type(model).__name__
-    for cls in ADAPTERS:
-        if name in cls.architectures:
-            return cls(model)
-    raise NotImplementedError(
-        f"{name} is not supported for structural pruning; supported families: {', '.join(SUPPORTED_ARCHITECTURES)}"
-    )
-
-
-__all__ = ["LayerView", "ModelAdapter", "base_linear", "get_adapter", "unwrap_model", "SUPPORTED_ARCHITECTURES"]
+__all__ = [
+    "FAMILIES",
+    "LayerView",
+    "LlamaFamily",
+    "ModelFamily",
+    "Qwen2Family",
+    "base_linear",
+    "get_family",
+    "register_family",
+    "supported_families",
+    "unwrap_model",
+]

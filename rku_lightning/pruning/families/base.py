@@ -1,14 +1,24 @@
 """What a model family must tell the engine: where the prunable groups of each decoder layer live.
 
+A model family (Llama, Qwen2, ...) is not a LoRA adapter: "adapter" in this project always means LoRA.
+
 Everything else (scoring, allocation, compaction, export) is written once against `LayerView`.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+
+
+def unwrap_model(model: nn.Module) -> PreTrainedModel:
+    """The Hugging Face model inside a peft `PeftModel` (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
 
 
 def base_linear(module: nn.Module) -> nn.Linear:
@@ -57,11 +67,16 @@ class LayerView:
         return self.num_heads // self.num_groups
 
 
-class ModelAdapter:
-    """Maps one model family's module tree onto `LayerView`s; subclass per family."""
+class ModelFamily(ABC):
+    """Maps one model family's module tree onto `LayerView`s: subclass, implement `layer_view`, and
+    list the `config.model_type` values it serves; `register_family` then makes `get_family` pick it.
 
-    #: `config.architectures` names this adapter serves.
-    architectures: tuple[str, ...] = ()
+    The defaults below fit the Hugging Face decoder layout (`model.model.layers`, `model.model.norm`);
+    a family overrides only what differs.
+    """
+
+    #: `config.model_type` values this family serves.
+    model_types: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: PreTrainedModel):
         self.model = model
@@ -80,8 +95,9 @@ class ModelAdapter:
     def decoder_layers(self) -> list[nn.Module]:
         return list(self.decoder().layers)
 
+    @abstractmethod
     def layer_view(self, index: int) -> LayerView:
-        raise NotImplementedError
+        """The prunable modules of decoder layer `index`."""
 
     def views(self) -> list[LayerView]:
         return [self.layer_view(i) for i in range(len(self.decoder_layers()))]

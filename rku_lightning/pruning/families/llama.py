@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from .base import LayerView, ModelAdapter
+from .base import LayerView, ModelFamily
+from .registry import register_family
 
 
-class LlamaAdapter(ModelAdapter):
-    architectures = ("LlamaForCausalLM", "MistralForCausalLM")
+@register_family
+class LlamaFamily(ModelFamily):
+    model_types = ("llama", "mistral")
 
     def layer_view(self, index: int) -> LayerView:
         layer = self.decoder_layers()[index]

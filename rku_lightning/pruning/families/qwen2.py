@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from .llama import LlamaAdapter
+from .llama import LlamaFamily
+from .registry import register_family
 
 
-class Qwen2Adapter(LlamaAdapter):
+@register_family
+class Qwen2Family(LlamaFamily):
     """Shares Llama's module tree (biases are found and sliced generically); its own family for Qwen2-only needs."""
 
-    architectures = ("Qwen2ForCausalLM",)
+    model_types = ("qwen2",)

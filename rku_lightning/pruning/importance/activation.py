@@ -8,9 +8,10 @@ from rku_lightning.pruning.families import LayerView
 from rku_lightning.pruning.statistics import CalibrationStatistics
 from rku_lightning.pruning.structures import UnitKind, unit_sums
 
-from .base import Importance
+from .base import Importance, register_importance
 
 
+@register_importance
 class WandaSP(Importance):
     """Sum over the structure's weights of |W_ij| * ||X_j|| (X_j: the weight's input feature over tokens)."""
 
@@ -30,6 +31,7 @@ class WandaSP(Importance):
         return unit_sums(view, kind, rows, cols)
 
 
+@register_importance
 class FLAP(Importance):
     """Fluctuation: Var(X_j) * ||W_:,j||^2 over the structure's output-projection columns, standardised per layer.
 

@@ -8,9 +8,10 @@ from rku_lightning.pruning.families import LayerView
 from rku_lightning.pruning.statistics import CalibrationStatistics
 from rku_lightning.pruning.structures import UnitKind
 
-from .base import Importance
+from .base import Importance, register_importance
 
 
+@register_importance
 class KineticUtility(Importance):
     """Raw kinetic utility U_s = E_x |G_s(x)|: RKU without the Fisher-trace normalisation (the ablation)."""
 
@@ -21,6 +22,7 @@ class KineticUtility(Importance):
         return stats.gradients(kind, view.index).abs_mean.clone()
 
 
+@register_importance
 class RelativeKineticUtility(Importance):
     """RKU_s = U_s / sqrt(T_l + eps), T_l = mean over the block's live units of E_x G_s(x)^2.
 
@@ -31,7 +33,8 @@ class RelativeKineticUtility(Importance):
     name = "rku"
     needs_gradients = True
 
-    def __init__(self, eps: float = 1e-20):
+    def __init__(self, eps: float = 1e-20, seed: int = 0):
+        super().__init__(seed)
         self.eps = eps
 
     def layer_scores(self, view: LayerView, kind: UnitKind, stats: CalibrationStatistics, alive: torch.Tensor):
@@ -40,6 +43,7 @@ class RelativeKineticUtility(Importance):
         return moments.abs_mean / torch.sqrt(trace + self.eps)
 
 
+@register_importance
 class Taylor(Importance):
     """First-order Taylor, LLM-Pruner "vector" style: |E_x G_s(x)| (the loss change of removing s)."""
 

@@ -8,9 +8,10 @@ from rku_lightning.pruning.families import LayerView
 from rku_lightning.pruning.statistics import CalibrationStatistics
 from rku_lightning.pruning.structures import UNIT_KINDS, UnitKind, num_units, unit_sums
 
-from .base import Importance
+from .base import Importance, register_importance
 
 
+@register_importance
 class Magnitude(Importance):
     """L2 norm of every weight (and bias) the structure owns."""
 
@@ -27,13 +28,11 @@ class Magnitude(Importance):
         return unit_sums(view, kind, rows, cols).sqrt()
 
 
+@register_importance
 class RandomImportance(Importance):
     """Uniform random scores from a generator seeded by (seed, layer, kind): the floor every method must beat."""
 
     name = "random"
-
-    def __init__(self, seed: int = 0):
-        self.seed = seed
 
     def layer_scores(self, view: LayerView, kind: UnitKind, stats: CalibrationStatistics, alive: torch.Tensor):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + view.index * 7 + UNIT_KINDS.index(kind))
