@@ -1,11 +1,25 @@
-"""File helpers shared by loading, data provenance, exports and benchmarks."""
+"""File helpers shared by loading, data provenance, exports and benchmarks.
+
+Writers here never leave a half-written result: they write into a temporary beside the target and
+rename it. Temporaries carry their writer's host and PID in their name (`.NAME.rku-HOST-PID.XXXX`),
+so that a later run can remove those of a writer that was killed (`sweep_stale_temporaries`).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
+import shutil
+import socket
 import tempfile
+import time
+import warnings
 from pathlib import Path
+
+# A temporary whose writer cannot be asked (another host) is stale after this long: longer than any run.
+STALE_AFTER_S = 24 * 3600
+_TEMP_NAME = re.compile(r"^\..+\.rku-(?P<host>[A-Za-z0-9_-]*)-(?P<pid>\d+)\.[a-z0-9_]+(\.[a-z]+)?$")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -17,6 +31,26 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def content_stamp(path: Path) -> dict:
+    """sha256, size and mtime of a file: what `still_matches` compares later."""
+    stat = path.stat()
+    return {"sha256": sha256_file(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def still_matches(path: Path, stamp: dict) -> bool:
+    """Whether `path` still holds the content `stamp` recorded.
+
+    Unchanged size and mtime are trusted (no rehash: loads stay fast); anything else is rehashed.
+    """
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return False
+    if stat.st_size == stamp.get("size") and stat.st_mtime_ns == stamp.get("mtime_ns"):
+        return True
+    return sha256_file(path) == stamp.get("sha256")
+
+
 def share_like_open(path: Path) -> None:
     """Give a file or folder the permissions `open`/`mkdir` would have: tempfile makes them private (0600/0700)."""
     umask = os.umask(0)
@@ -24,11 +58,122 @@ def share_like_open(path: Path) -> None:
     path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def share_tree(root: Path) -> None:
+    """`share_like_open` on a folder and everything in it."""
+    for path in [root, *root.rglob("*")]:
+        share_like_open(path)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
+
+
+def _owner_tag() -> str:
+    return f"rku-{_host()}-{os.getpid()}"
+
+
+def temporary_beside(target: Path, folder: bool = True, suffix: str = "") -> Path:
+    """A private temporary folder (or empty file) beside `target`, named after it and its writer.
+
+    Stale temporaries of killed writers in the same folder are swept first.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temporaries(target.parent)
+    prefix = f".{target.name}.{_owner_tag()}."
+    if folder:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    handle, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=target.parent)
+    os.close(handle)
+    return Path(name)
+
+
+def _writer_gone(host: str, pid: int) -> bool:
+    if host != _host() or pid == os.getpid():
+        return False  # another machine's process (only its age can tell), or this one's
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, owned by another user
+    return False
+
+
+def sweep_stale_temporaries(folder: Path, max_age_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove the temporaries in `folder` whose writer process is gone or that are older than `max_age_s`."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for path in folder.iterdir():
+        match = _TEMP_NAME.match(path.name)
+        if match is None:
+            continue
+        try:
+            age = now - path.lstat().st_mtime
+        except FileNotFoundError:
+            continue
+        if _writer_gone(match["host"], int(match["pid"])) or age > max_age_s:
+            remove_path(path)
+            removed.append(path)
+    if removed:
+        warnings.warn(f"removed {len(removed)} temporaries left by interrupted runs in {folder}: "
+                      + ", ".join(p.name for p in removed), stacklevel=2)
+    return removed
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a folder tree, whichever `path` is; a missing path is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _aside(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+def recover_replaced(target: Path) -> None:
+    """Finish a `replace_folder` that was killed: restore the old folder if the new one never arrived."""
+    old = _aside(target)
+    if not old.exists():
+        return
+    if target.exists():
+        remove_path(old)
+    else:
+        os.replace(old, target)
+        warnings.warn(f"{target}: an interrupted replacement left it missing; restored the previous copy", stacklevel=2)
+
+
+def replace_folder(tmp: Path, target: Path) -> None:
+    """Move the finished folder `tmp` to `target`, replacing an existing `target`.
+
+    The old folder is renamed aside first and removed last; a kill between the two renames leaves
+    `.TARGET.old`, which `recover_replaced` puts back on the next run. An empty `target` is replaced
+    in one rename.
+    """
+    recover_replaced(target)
+    if target.is_dir() and not any(target.iterdir()):
+        os.replace(tmp, target)
+        return
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = _aside(target)
+    os.replace(target, old)
+    os.replace(tmp, target)
+    remove_path(old)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write through a temporary file beside `path` and a rename: readers never see half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as handle:
-        handle.write(text)
-    share_like_open(Path(handle.name))
-    os.replace(handle.name, path)
+    tmp = temporary_beside(path, folder=False, suffix=".tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        share_like_open(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
