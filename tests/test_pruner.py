@@ -247,3 +247,38 @@ def test_prune_before_calibrate_is_an_error_for_data_driven_methods(importance):
 def test_data_free_methods_prune_without_calibration(importance):
     pruner = StructuredPruner(tiny_model("qwen2"), importance=importance, progress=False)
     assert abs(pruner.prune(0.3).sparsity - 0.3) < 0.012
+
+
+@pytest.mark.parametrize(
+    "importance, objective, blank, message",
+    [
+        ("rku", "ce", "labels", "every label is -100"),
+        ("taylor", "ce", "mask", "every attention_mask is 0"),
+        ("rku", "hidden", "mask", "every attention_mask is 0"),
+        ("flap", "ce", "mask", "every attention_mask is 0"),
+    ],
+)
+def test_calibration_that_scores_no_token_is_an_error(importance, objective, blank, message):
+    batches = tiny_batches()
+    for batch in batches:
+        if blank == "labels":
+            batch["labels"] = torch.full_like(batch["input_ids"], -100)
+        else:
+            batch["attention_mask"] = torch.zeros_like(batch["attention_mask"])
+    pruner = StructuredPruner(tiny_model("llama"), importance=importance, objective=objective, progress=False)
+    with pytest.raises(ValueError, match=f"scored no token in 3 batches.*{message}"):
+        pruner.calibrate(batches)
+
+
+def test_calibration_with_some_scored_tokens_is_accepted():
+    batches = tiny_batches()
+    for batch in batches[1:]:
+        batch["labels"] = torch.full_like(batch["input_ids"], -100)
+    assert StructuredPruner(tiny_model("llama"), progress=False).calibrate(batches) == 3
+
+
+def test_a_model_without_weights_is_named():
+    with torch.device("meta"):
+        model = tiny_model("llama")
+    with pytest.raises(ValueError, match="meta device"):
+        StructuredPruner(model, progress=False)
