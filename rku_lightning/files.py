@@ -64,6 +64,17 @@ def share_tree(root: Path) -> None:
         share_like_open(path)
 
 
+def check_can_create(path: Path, what: str) -> None:
+    """Refuse, before any work, a `path` that cannot be created: its nearest existing ancestor must be a writable folder."""
+    ancestor = Path(path).parent.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"{what} {path}: {ancestor} is a file, so nothing can be created under it")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {path}: {ancestor} is not writable; choose a folder you can write to")
+
+
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
 

@@ -42,7 +42,7 @@ def test_an_existing_empty_folder_is_a_valid_target():
         (lambda p: p.write_text("x"), True, "is a file"),
         (lambda p: (p.mkdir(), (p / "notes.txt").write_text("x")), False, "not empty.*overwrite=True"),
         (lambda p: (p.mkdir(), (p / "notes.txt").write_text("x")), True, "not an rku_lightning export"),
-        (lambda p: p.parent.joinpath("blocker").write_text("x"), False, "is a file, so the export folder"),
+        (lambda p: p.parent.joinpath("blocker").write_text("x"), False, "is a file, so nothing can be created"),
     ],
     ids=["file", "file-overwrite", "non-empty", "unrelated-overwrite", "parent-is-a-file"],
 )

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
+import warnings
 
 import torch
 
+from rku_lightning.cli.errors import DEBUG_HELP, UsageError, run_cli
 from rku_lightning.evaluation.calibration import calibration_batches
 from rku_lightning.evaluation.data import load_problems
 from rku_lightning.loading import load_causal_lm
 from rku_lightning.paths import task_file
 from rku_lightning.pruning.compaction import compact
-from rku_lightning.pruning.export import save_pruned
+from rku_lightning.pruning.export import check_export_target, save_pruned
 from rku_lightning.pruning.importance import IMPORTANCES
 from rku_lightning.pruning.objectives import OBJECTIVES
 from rku_lightning.pruning.pruner import ALLOCATIONS, ATTENTION_MODES, StructuredPruner
@@ -45,17 +46,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", required=True, help="export folder (written atomically)")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (fewer than cores avoids oversubscription)")
+    parser.add_argument("--out", required=True, help="export folder (written atomically; may exist if empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the export already in --out (only an export)")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return parser
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every budget and output path, before the model is loaded."""
+    if not 0 <= args.sparsity < 1:
+        raise UsageError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    for name in ("samples", "batch_size", "max_length", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    try:
+        check_export_target(args.out, args.overwrite)
+    except OSError as error:
+        raise UsageError(f"--out: {error}".replace("overwrite=True", "--overwrite")) from None
+    if args.sparsity == 0:
+        warnings.warn("--sparsity 0 removes nothing: the export will be the unpruned model", stacklevel=2)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    if not 0 <= args.sparsity < 1:
-        raise SystemExit(f"--sparsity must be in [0, 1), got {args.sparsity}")
-    if Path(args.out).exists() and not args.overwrite:
-        raise SystemExit(f"--out {args.out} already exists; choose a new folder or pass --overwrite")
+    check_arguments(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     model, tokenizer = load_causal_lm(args.model, dtype=getattr(torch, args.dtype))
     model.to(args.device)
@@ -68,17 +86,25 @@ def main(argv: list[str] | None = None) -> dict:
         min_mlp_keep=args.min_mlp_keep,
         seed=args.seed,
     )
+    if args.sparsity > (reachable := pruner.max_sparsity()):
+        raise UsageError(
+            f"--sparsity {args.sparsity} is unreachable for this model: --min-mlp-keep {args.min_mlp_keep} and one "
+            f"attention group per layer cap it at {reachable:.4f}; lower --sparsity or --min-mlp-keep"
+        )
+    calibration = None
     if pruner.importance.needs_calibration:
         problems = load_problems(args.calibration, task=args.calibration_task, split="train")
         batches = calibration_batches(
             tokenizer, problems, args.samples, args.batch_size, args.max_length,
             questions_only=args.objective == "hidden", seed=args.seed,
         )
+        calibration = {"requested_samples": args.samples, "samples": sum(len(b["input_ids"]) for b in batches)}
         pruner.calibrate(batches)
     report = pruner.prune(args.sparsity)
     compact(model)
     metadata = {
         "cli": vars(args),
+        "calibration": calibration,
         "source_model": args.model,
         "seconds": round(time.perf_counter() - started, 1),
         "report": report.to_dict(),
@@ -89,5 +115,10 @@ def main(argv: list[str] | None = None) -> dict:
     return report.to_dict()
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The command: `main` with one-line errors and exit statuses (see `rku_lightning.cli.errors`)."""
+    return run_cli(main, build_parser().prog, argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

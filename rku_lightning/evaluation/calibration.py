@@ -5,6 +5,7 @@ questions only for the label-free `hidden` objective. One fixed, seeded sample, 
 from __future__ import annotations
 
 import random
+import warnings
 from typing import Sequence
 
 import torch
@@ -15,9 +16,11 @@ from .prompts import build_prompt, collate_left, encode_prompts, encode_solution
 
 
 def sample_problems(problems: Sequence[Problem], samples: int, seed: int = 0) -> list[Problem]:
-    """A seeded sample of `samples` problems in source order (all of them if there are fewer)."""
+    """A seeded sample of `samples` problems in source order (all of them, with a warning, if there are fewer)."""
     if samples < 1:
         raise ValueError(f"samples must be a positive integer, got {samples}")
+    if samples > len(problems):
+        warnings.warn(f"samples={samples} but the calibration set has {len(problems)} problems: using all {len(problems)}", stacklevel=2)
     chosen = sorted(random.Random(seed).sample(range(len(problems)), min(samples, len(problems))))
     return [problems[i] for i in chosen]
 

@@ -24,7 +24,7 @@ from transformers import (
 )
 from transformers.initialization import no_init_weights
 
-from rku_lightning.files import recover_replaced, replace_folder, share_tree, temporary_beside
+from rku_lightning.files import check_can_create, recover_replaced, replace_folder, share_tree, temporary_beside
 from rku_lightning.loading import prepare_tokenizer
 
 from .compaction import apply_plan
@@ -54,13 +54,7 @@ def check_export_target(out_dir: str | os.PathLike, overwrite: bool = False) -> 
                     f"out_dir {out_dir} holds no {PLAN_FILE}, so it is not an rku_lightning export; overwrite only "
                     "replaces exports: choose another folder"
                 )
-    ancestor = out_dir.parent.absolute()
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise NotADirectoryError(f"out_dir {out_dir}: {ancestor} is a file, so the export folder cannot be created there")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise PermissionError(f"out_dir {out_dir}: {ancestor} is not writable; choose a folder you can write to")
+    check_can_create(out_dir, "out_dir")
     return out_dir
 
 
