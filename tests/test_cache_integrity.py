@@ -217,3 +217,12 @@ def test_bad_model_sources_are_named(tmp_path, make, message):
     with pytest.raises((FileNotFoundError, ValueError), match=message) as error:
         load_causal_lm(source)
     assert str(source) in str(error.value)
+
+
+def test_a_source_that_is_neither_local_nor_on_the_hub_is_named(monkeypatch):
+    def offline(folder, dtype, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'\nmore details")
+
+    monkeypatch.setattr(loading, "_load", offline)
+    with pytest.raises(OSError, match=r"outputs/run-typo is no local path and did not load as a hub id \(We couldn't connect"):
+        load_causal_lm("outputs/run-typo")

@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from rku_lightning.files import write_text_atomic
 from rku_lightning.pruning.compaction import compact
-from rku_lightning.pruning.export import save_pruned
+from rku_lightning.pruning.export import check_export_target, save_pruned
 from rku_lightning.pruning.families import SUPPORTED_ARCHITECTURES, get_adapter, unwrap_model
 from rku_lightning.pruning.importance import IMPORTANCES
 from rku_lightning.pruning.objectives import OBJECTIVES
@@ -187,6 +187,8 @@ class RKUPruning(Callback):
                     f"target_sparsity={self.target_sparsity} is unreachable: min_mlp_keep={self.min_mlp_keep} and one "
                     f"attention group per layer cap this model at {reachable:.4f}"
                 )
+        if stage == "fit" and self.export_dir is not None and trainer.is_global_zero:
+            check_export_target(self.export_dir, overwrite=True)  # an unusable folder fails now, not after training
         if stage == "fit":
             if self.lora is not None and not has_lora(model):
                 inject_lora(model, self.lora)
