@@ -44,11 +44,12 @@ PRUNE = [
     (["--samples", "0"], 2, "--samples must be a positive integer"),
     (["--threads", "0"], 2, "--threads must be a positive integer"),
     (["--sparsity", "1.5"], 2, r"--sparsity must be in \[0, 1\)"),
-    # unreachable: refused after loading, before the (missing) calibration file is read
-    (["--sparsity", "0.99", "--calibration", "{tmp}/absent.jsonl"], 2, r"unreachable .* cap it at 0\.\d{4}; lower"),
+    # unreachable: refused right after loading, before calibrating (no "calibrate" progress bar)
+    (["--sparsity", "0.99"], 2, r"unreachable .* cap it at 0\.\d{4}; lower"),
     (["--model", "{tmp}/no/such/model"], 1, "FileNotFoundError: model: .* does not exist"),
     (["--model", "{tmp}/notes"], 1, "folder without config.json"),
     (["--calibration", "{tmp}/empty.jsonl"], 1, "empty.jsonl is empty"),
+    (["--calibration", "{tmp}/empty.jsonl", "--model", "{tmp}/no-weights"], 1, "empty.jsonl is empty"),  # data before model
 ]
 
 
@@ -62,6 +63,7 @@ def test_prune_cli_errors(tmp_path, tiny_dir, capsys, extra, status, message):
     assert prune.cli(argv) == status
     err = capsys.readouterr().err
     assert "Traceback" not in err and one_error_line(err).startswith("python -m rku_lightning.cli.prune: error: "), err
+    assert "calibrate (" not in err
     assert re.search(message, err), err
     assert sorted(tmp_path.rglob("*")) == before  # nothing written, nothing removed
     assert time.perf_counter() - started < 30

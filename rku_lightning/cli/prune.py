@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
     check_arguments(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    method = IMPORTANCES[args.importance]
+    problems = None
+    if method.needs_gradients or method.needs_activations:  # read (and check) the data before loading the model
+        problems = load_problems(args.calibration, task=args.calibration_task, split="train")
     started = time.perf_counter()
     model, tokenizer = load_causal_lm(args.model, dtype=getattr(torch, args.dtype))
     model.to(args.device)
@@ -92,8 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"attention group per layer cap it at {reachable:.4f}; lower --sparsity or --min-mlp-keep"
         )
     calibration = None
-    if pruner.importance.needs_calibration:
-        problems = load_problems(args.calibration, task=args.calibration_task, split="train")
+    if problems is not None:
         batches = calibration_batches(
             tokenizer, problems, args.samples, args.batch_size, args.max_length,
             questions_only=args.objective == "hidden", seed=args.seed,
