@@ -69,6 +69,20 @@ def test_prune_cli_errors(tmp_path, tiny_dir, capsys, extra, status, message):
     assert time.perf_counter() - started < 30
 
 
+@pytest.mark.parametrize(
+    "command, argv, message",
+    [
+        (prune.cli, ["--model", "m", "--sparsity", "x", "--out", "o"], "argument --sparsity: invalid float value: 'x'"),
+        (evaluate.cli, ["--model", "m", "--json", "r.json", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_a_bad_argument_is_one_line_with_status_2(command, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        command(argv)
+    assert exit_.value.code == 2
+    assert message in one_error_line(capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_debug_shows_the_traceback(tmp_path, monkeypatch, how):
     argv = ["--model", str(tmp_path / "missing"), "--sparsity", "0.3", "--out", str(tmp_path / "o")]

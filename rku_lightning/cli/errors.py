@@ -6,6 +6,7 @@ the message, not the stack.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -16,6 +17,13 @@ DEBUG_HELP = f"show the traceback of an error (also {DEBUG_ENV}=1)"
 
 class UsageError(ValueError):
     """A command-line choice that cannot work (exit status 2, like argparse's own errors)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument prints one line (not the whole usage) before exiting with 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
 def run_cli(main: Callable[[Sequence[str]], object], prog: str, argv: Sequence[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rku_lightning.cli.errors import DEBUG_HELP, UsageError, run_cli
+from rku_lightning.cli.errors import DEBUG_HELP, OneLineParser, UsageError, run_cli
 from rku_lightning.evaluation.data import TASKS, Problem, load_problems
 from rku_lightning.evaluation.evaluate import evaluate_model
 from rku_lightning.evaluation.generation import DEFAULT_MAX_NEW_TOKENS
@@ -47,7 +47,7 @@ def load_model(source: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrai
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m rku_lightning.cli.evaluate", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m rku_lightning.cli.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="hub id, local folder, .gguf, embedded:NAME or a pruned export folder")
     parser.add_argument("--task", choices=TASKS, default="gsm8k")
     parser.add_argument("--data", help="JSONL file, folder with {split}.jsonl, or datasets hub id (default: shared test set)")

@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from rku_lightning.cli.errors import DEBUG_HELP, UsageError, run_cli
+from rku_lightning.cli.errors import DEBUG_HELP, OneLineParser, UsageError, run_cli
 from rku_lightning.evaluation.calibration import calibration_batches
 from rku_lightning.evaluation.data import load_problems
 from rku_lightning.loading import load_causal_lm
@@ -26,7 +26,7 @@ from rku_lightning.pruning.pruner import ALLOCATIONS, ATTENTION_MODES, Structure
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m rku_lightning.cli.prune", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m rku_lightning.cli.prune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="hub id, folder, .gguf file or embedded:NAME")
     parser.add_argument("--sparsity", type=float, required=True, help="fraction of decoder-layer parameters to remove, in [0, 1)")
     parser.add_argument("--importance", default="rku", choices=sorted(IMPORTANCES))
