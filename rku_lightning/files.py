@@ -1,13 +1,26 @@
-"""File helpers shared by loading, data provenance, exports, reports and benchmarks: hashing and atomic writes."""
+"""File helpers shared by loading, data provenance, exports, reports and benchmarks: hashing and atomic writes.
+
+Writers here never leave a half-written result: they write into a temporary beside the target and
+rename it. Temporaries carry their writer's host and PID in their name (`.NAME.rku-HOST-PID.XXXX`),
+so that a later run can remove those of a writer that was killed (`sweep_stale_temporaries`).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+
+# A temporary whose writer cannot be asked (another host) is stale after this long: longer than any run.
+STALE_AFTER_S = 24 * 3600
+_TEMP_NAME = re.compile(r"^\..+\.rku-(?P<host>[A-Za-z0-9_-]*)-(?P<pid>\d+)\.[a-z0-9_]+(\.[a-z]+)?$")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -19,6 +32,26 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def content_stamp(path: Path) -> dict:
+    """sha256, size and mtime of a file: what `still_matches` compares later."""
+    stat = path.stat()
+    return {"sha256": sha256_file(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def still_matches(path: Path, stamp: dict) -> bool:
+    """Whether `path` still holds the content `stamp` recorded.
+
+    Unchanged size and mtime are trusted (no rehash: loads stay fast); anything else is rehashed.
+    """
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return False
+    if stat.st_size == stamp.get("size") and stat.st_mtime_ns == stamp.get("mtime_ns"):
+        return True
+    return sha256_file(path) == stamp.get("sha256")
+
+
 def share_like_open(path: Path) -> None:
     """Give a file or folder the permissions `open`/`mkdir` would have: tempfile makes them private (0600/0700)."""
     umask = os.umask(0)
@@ -26,17 +59,133 @@ def share_like_open(path: Path) -> None:
     path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def write_file_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def share_tree(root: Path) -> None:
+    """`share_like_open` on a folder and everything in it."""
+    for path in [root, *root.rglob("*")]:
+        share_like_open(path)
+
+
+def check_can_create(path: Path, what: str) -> None:
+    """Refuse, before any work, a `path` that cannot be created: its nearest existing ancestor must be a writable folder."""
+    ancestor = Path(path).parent.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"{what} {path}: {ancestor} is a file, so nothing can be created under it")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {path}: {ancestor} is not writable; choose a folder you can write to")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
+
+
+def _owner_tag() -> str:
+    return f"rku-{_host()}-{os.getpid()}"
+
+
+def temporary_beside(target: Path, folder: bool = True, suffix: str = "") -> Path:
+    """A private temporary folder (or empty file) beside `target`, named after it and its writer.
+
+    Stale temporaries of killed writers in the same folder are swept first.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temporaries(target.parent)
+    prefix = f".{target.name}.{_owner_tag()}."
+    if folder:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    handle, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=target.parent)
+    os.close(handle)
+    return Path(name)
+
+
+def _writer_gone(host: str, pid: int) -> bool:
+    if host != _host() or pid == os.getpid():
+        return False  # another machine's process (only its age can tell), or this one's
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, owned by another user
+    return False
+
+
+def sweep_stale_temporaries(folder: Path, max_age_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove the temporaries in `folder` whose writer process is gone or that are older than `max_age_s`."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for path in folder.iterdir():
+        match = _TEMP_NAME.match(path.name)
+        if match is None:
+            continue
+        try:
+            age = now - path.lstat().st_mtime
+        except FileNotFoundError:
+            continue
+        if _writer_gone(match["host"], int(match["pid"])) or age > max_age_s:
+            remove_path(path)
+            removed.append(path)
+    if removed:
+        warnings.warn(f"removed {len(removed)} temporaries left by interrupted runs in {folder}: "
+                      + ", ".join(p.name for p in removed), stacklevel=2)
+    return removed
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a folder tree, whichever `path` is; a missing path is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _aside(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+def recover_replaced(target: Path) -> None:
+    """Finish a `replace_folder` that was killed: restore the old folder if the new one never arrived."""
+    old = _aside(target)
+    if not old.exists():
+        return
+    if target.exists():
+        remove_path(old)
+    else:
+        os.replace(old, target)
+        warnings.warn(f"{target}: an interrupted replacement left it missing; restored the previous copy", stacklevel=2)
+
+
+def replace_folder(tmp: Path, target: Path) -> None:
+    """Move the finished folder `tmp` to `target`, replacing an existing `target`.
+
+    The old folder is renamed aside first and removed last; a kill between the two renames leaves
+    `.TARGET.old`, which `recover_replaced` puts back on the next run. An empty `target` is replaced
+    in one rename.
+    """
+    recover_replaced(target)
+    if target.is_dir() and not any(target.iterdir()):
+        os.replace(tmp, target)
+        return
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = _aside(target)
+    os.replace(target, old)
+    os.replace(tmp, target)
+    remove_path(old)
+
+
+def write_file_atomic(path: str | os.PathLike, write: Callable[[Path], None], suffix: str = ".tmp") -> Path:
     """Let `write` fill a temporary file beside `path`, then rename it over `path`.
 
     Readers never see half a file, and a `write` that raises (a full disk, a failed checksum) leaves
     nothing behind: the old file, if any, stays as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = temporary_beside(path, folder=False, suffix=suffix)
     try:
         write(tmp)
         share_like_open(tmp)
@@ -52,30 +201,18 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_file_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def write_folder_atomic(out_dir: str | os.PathLike, overwrite: bool, write: Callable[[Path], None]) -> Path:
-    """Let `write` fill a temporary folder beside `out_dir`, then swap it in by renames.
+def write_folder_atomic(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Let `write` fill a temporary folder beside `out_dir`, then swap it in (`replace_folder`).
 
-    An interrupted or failing `write` leaves no half-written folder; an existing `out_dir` is an
-    error unless `overwrite`, and is replaced only once the new folder is complete.
+    An interrupted or failing `write` leaves no half-written folder; whether `out_dir` may be replaced
+    is the caller's rule (exports: `check_export_target`).
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"out_dir {out_dir} already exists; choose a new folder or pass overwrite=True")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = temporary_beside(out_dir)
     try:
         write(tmp)
-        # mkdtemp makes a private folder; what is written is meant to be shared like save_pretrained's.
-        for path in [tmp, *tmp.rglob("*")]:
-            share_like_open(path)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        share_tree(tmp)  # mkdtemp makes a private folder; what is written is meant to be shared
+        replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

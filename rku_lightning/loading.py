@@ -7,13 +7,17 @@ on machines that cannot reach a model hub. transformers dequantizes GGUF to floa
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
 import torch
+from gguf import GGUFReader
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -21,10 +25,19 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .files import sha256_file, write_file_atomic, write_folder_atomic
+from .files import (
+    content_stamp,
+    recover_replaced,
+    sha256_file,
+    still_matches,
+    write_file_atomic,
+    write_folder_atomic,
+    write_text_atomic,
+)
 from .paths import cache_dir
 
 EMBEDDED_PREFIX = "embedded:"
+MANIFEST = "manifest.json"  # in the converted copy: the GGUF it came from and a stamp of every file
 #: Weight dtypes a model can be loaded in, by the names configs and CLIs use.
 DTypeName = Literal["float32", "bfloat16", "float16"]
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(DTypeName)}
@@ -87,6 +100,32 @@ def _checked(path: Path, spec: EmbeddedModel) -> Path:
     return path
 
 
+def _read_json(path: Path) -> dict | None:
+    """A small JSON record, or None when it is missing or unreadable (a kill can leave either)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _gguf_is_verified(target: Path, spec: EmbeddedModel) -> bool:
+    """Whether the assembled GGUF still has the expected content; rehashes unless size and mtime match its sidecar."""
+    if not target.is_file():
+        return False
+    sidecar = target.with_suffix(".sha256")
+    stamp = _read_json(sidecar)
+    if stamp is not None and stamp.get("sha256") == spec.sha256 and still_matches(target, stamp):
+        if (mtime := target.stat().st_mtime_ns) != stamp.get("mtime_ns"):
+            write_text_atomic(sidecar, json.dumps({**stamp, "mtime_ns": mtime}))  # touched, not changed: no rehash next time
+        return True
+    if stamp is None and sha256_file(target) == spec.sha256:  # sidecar lost (killed before writing it)
+        write_text_atomic(sidecar, json.dumps(content_stamp(target)))
+        return True
+    warnings.warn(f"embedded model {spec.name!r}: {target} failed its sha256 check; assembling it again", stacklevel=3)
+    return False
+
+
 def embedded_gguf_path(name: str) -> Path:
     """Path to a verified GGUF file for an embedded model name (without the `embedded:` prefix)."""
     if name not in EMBEDDED_MODELS:
@@ -96,8 +135,9 @@ def embedded_gguf_path(name: str) -> Path:
     if not spec.assembled:
         return _checked(sources[0], spec)
     target = cache_dir() / spec.name / spec.filename
-    if target.is_file() and target.with_suffix(".sha256").read_text().strip() == spec.sha256:
+    if _gguf_is_verified(target, spec):
         return target
+    stamp: dict = {}
 
     def assemble(tmp: Path) -> None:
         with open(tmp, "wb") as out:
@@ -105,10 +145,11 @@ def embedded_gguf_path(name: str) -> Path:
                 with open(source, "rb") as part:
                     shutil.copyfileobj(part, out, 1 << 22)
         _checked(tmp, spec)
+        stamp.update(content_stamp(tmp))
 
     # Never a half-written or unverified GGUF under the target's name.
-    write_file_atomic(target, assemble)
-    target.with_suffix(".sha256").write_text(spec.sha256 + "\n")
+    write_file_atomic(target, assemble, suffix=".part")
+    write_text_atomic(target.with_suffix(".sha256"), json.dumps(stamp))
     return target
 
 
@@ -133,23 +174,59 @@ def _load(folder: str, dtype: torch.dtype, **kwargs) -> tuple[PreTrainedModel, P
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if not path.is_file():
         raise FileNotFoundError(f"model: GGUF file {path} does not exist")
+    try:
+        GGUFReader(path)  # header and tensor table only (memory-mapped): a truncated file fails here, by name
+    except (ValueError, OSError) as error:
+        raise ValueError(f"model: {path} is not a complete GGUF file ({error}); download or export it again") from None
     return _load(str(path.parent), dtype, gguf_file=path.name)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _check_local(source: str) -> None:
+    """Name a missing local path or a folder that holds no model, instead of treating it as a hub id."""
+    path = Path(source).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model: {source} is a folder without config.json, so not a Hugging Face model; pass the folder "
+            "save_pretrained wrote, a .gguf file, a hub id or embedded:NAME"
+        )
+    if not path.exists() and not _HUB_ID.match(source):
+        raise FileNotFoundError(f"model: {source} does not exist; pass an existing folder, a .gguf file, a hub id (org/name) or embedded:NAME")
+
+
+def _converted_is_verified(converted: Path, spec: EmbeddedModel) -> bool:
+    """Whether the converted copy is complete and unchanged: every file it was written with matches its stamp."""
+    manifest = _read_json(converted / MANIFEST)
+    if manifest is None or manifest.get("source_sha256") != spec.sha256 or not manifest.get("files"):
+        if converted.exists():
+            warnings.warn(f"embedded model {spec.name!r}: {converted} is incomplete; converting again", stacklevel=3)
+        return False
+    for name, stamp in manifest["files"].items():
+        if not still_matches(converted / name, stamp):
+            warnings.warn(f"embedded model {spec.name!r}: {converted / name} failed its sha256 check; converting again", stacklevel=3)
+            return False
+    return True
 
 
 def _load_embedded(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Convert the GGUF once and keep a Hugging Face copy in the cache: later loads take seconds, not a minute."""
-    gguf = embedded_gguf_path(name)
-    converted = cache_dir() / EMBEDDED_MODELS[name].name / "hf"
-    stamp = converted / "source.sha256"
-    if stamp.is_file() and stamp.read_text().strip() == EMBEDDED_MODELS[name].sha256:
+    gguf = embedded_gguf_path(name)  # first: it names an unknown model
+    spec = EMBEDDED_MODELS[name]
+    converted = cache_dir() / spec.name / "hf"
+    recover_replaced(converted)
+    if _converted_is_verified(converted, spec):
         return _load(str(converted), dtype)
     model, tokenizer = _load_gguf(gguf, torch.float32)
     def save(folder: Path) -> None:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        (folder / "source.sha256").write_text(EMBEDDED_MODELS[name].sha256 + "\n")
+        files = {str(p.relative_to(folder)): content_stamp(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+        # Written last: a copy without its manifest is never trusted.
+        (folder / MANIFEST).write_text(json.dumps({"source_sha256": spec.sha256, "files": files}, indent=1))
 
-    write_folder_atomic(converted, overwrite=True, write=save)
+    write_folder_atomic(converted, save)
     return model.to(dtype), tokenizer
 
 
@@ -163,6 +240,13 @@ def load_causal_lm(
     elif source.endswith(".gguf"):
         model, tokenizer = _load_gguf(Path(source), dtype)
     else:
-        model, tokenizer = _load(source, dtype)
+        _check_local(source)
+        try:
+            model, tokenizer = _load(source, dtype)
+        except OSError as error:
+            if Path(source).expanduser().exists():
+                raise
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise OSError(f"model: {source} is no local path and did not load as a hub id ({first}); check the spelling") from error
     model.eval()
     return model, prepare_tokenizer(tokenizer)

@@ -250,6 +250,15 @@ def test_unreachable_target_fails_at_setup(tmp_path):
     assert StepCounter.steps == 0
 
 
+def test_an_export_dir_that_cannot_take_the_export_fails_at_setup(tmp_path):
+    StepCounter.steps = 0
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "keep.txt").write_text("not an export")
+    with pytest.raises(FileExistsError, match="not an rku_lightning export"):
+        make_trainer(tmp_path, [pruning(export_dir=str(tmp_path / "data")), StepCounter()]).fit(TinyLM(), TokenData())
+    assert StepCounter.steps == 0 and (tmp_path / "data" / "keep.txt").read_text() == "not an export"
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [

@@ -136,6 +136,7 @@ def test_export_errors_and_atomicity(tmp_path):
         save_pruned(model, None, tmp_path / "x")
     compact(model)
     (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="overwrite=True"):
         save_pruned(model, None, tmp_path / "taken")
 
@@ -146,8 +147,9 @@ def test_export_errors_and_atomicity(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         save_pruned(model, BrokenTokenizer(), tmp_path / "half")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # nothing half-written is left
-    save_pruned(model, None, tmp_path / "taken", overwrite=True)
-    assert (tmp_path / "taken" / "pruning.json").is_file()
+    save_pruned(model, None, tmp_path / "export")
+    save_pruned(model, None, tmp_path / "export", overwrite=True)
+    assert (tmp_path / "export" / "pruning.json").is_file()
     with pytest.raises(FileNotFoundError, match="pruning.json"):
         load_pruned(tmp_path)
     with pytest.raises(ValueError, match="no pruning masks"):

@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 
 from rku_lightning.cli import evaluate
+from rku_lightning.cli.errors import UsageError
 from rku_lightning.cli.evaluate import default_data, main
 from rku_lightning.evaluation.data import Problem, load_problems
 from rku_lightning.evaluation.evaluate import evaluate_model
@@ -169,7 +170,7 @@ def test_cli_end_to_end(tmp_path, shared_data, capsys) -> None:
 
 
 def test_cli_rejects_bad_numbers(tmp_path) -> None:
-    with pytest.raises(SystemExit, match="--batch-size"):
+    with pytest.raises(UsageError, match="--batch-size"):
         main(["--model", "x", "--batch-size", "0", "--json", str(tmp_path / "r.json")])
 
 

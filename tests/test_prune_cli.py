@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 
 from rku_lightning import load_pruned
+from rku_lightning.cli.errors import UsageError
 from rku_lightning.cli.prune import main
 from rku_lightning.evaluation.calibration import calibration_batches, sample_problems
 from rku_lightning.evaluation.data import load_problems
@@ -37,8 +38,9 @@ def test_cli_prunes_and_exports(saved_tiny, shared_data, tmp_path, importance, o
     model, tokenizer = load_pruned(out)
     plan = json.loads((out / "pruning.json").read_text())
     assert plan["report"]["sparsity"] == report["sparsity"] and plan["cli"]["samples"] == 4
+    assert plan["calibration"] == {"requested_samples": 4, "samples": 4}
     assert sum(p.numel() for p in model.parameters()) == report["total_params_after"]
-    with pytest.raises(SystemExit, match="already exists"):
+    with pytest.raises(UsageError, match="already exists.*--overwrite"):
         main(["--model", str(saved_tiny), "--sparsity", "0.3", "--out", str(out)])
 
 

@@ -271,3 +271,38 @@ def test_checkpointed_calibration_gives_the_same_statistics(family):
     assert any(k.startswith("act.") for k in plain["sums"]) and any(not k.startswith("act.") for k in plain["sums"])
     for key, value in plain["sums"].items():
         torch.testing.assert_close(checked["sums"][key], value, rtol=1e-10, atol=1e-12, msg=key)
+
+
+@pytest.mark.parametrize(
+    "importance, objective, blank, message",
+    [
+        ("rku", "ce", "labels", "every label is -100"),
+        ("taylor", "ce", "mask", "every attention_mask is 0"),
+        ("rku", "hidden", "mask", "every attention_mask is 0"),
+        ("flap", "ce", "mask", "every attention_mask is 0"),
+    ],
+)
+def test_calibration_that_scores_no_token_is_an_error(importance, objective, blank, message):
+    batches = tiny_batches()
+    for batch in batches:
+        if blank == "labels":
+            batch["labels"] = torch.full_like(batch["input_ids"], -100)
+        else:
+            batch["attention_mask"] = torch.zeros_like(batch["attention_mask"])
+    pruner = StructuredPruner(tiny_model("llama"), importance=importance, objective=objective, progress=False)
+    with pytest.raises(ValueError, match=f"scored no token in 3 batches.*{message}"):
+        pruner.calibrate(batches)
+
+
+def test_calibration_with_some_scored_tokens_is_accepted():
+    batches = tiny_batches()
+    for batch in batches[1:]:
+        batch["labels"] = torch.full_like(batch["input_ids"], -100)
+    assert StructuredPruner(tiny_model("llama"), progress=False).calibrate(batches) == 3
+
+
+def test_a_model_without_weights_is_named():
+    with torch.device("meta"):
+        model = tiny_model("llama")
+    with pytest.raises(ValueError, match="meta device"):
+        StructuredPruner(model, progress=False)

@@ -32,7 +32,7 @@ from rku_lightning.checks import positive_int
 from rku_lightning.files import write_text_atomic
 from rku_lightning.memory import memory_snapshot, reset_peak_memory
 from rku_lightning.pruning.compaction import compact
-from rku_lightning.pruning.export import save_pruned
+from rku_lightning.pruning.export import check_export_target, save_pruned
 from rku_lightning.pruning.families import get_family, unwrap_model
 from rku_lightning.pruning.importance import Importance
 from rku_lightning.pruning.objectives import ObjectiveName
@@ -154,6 +154,8 @@ class RKUPruning(Callback):
             # Before LoRA injection: the engine counts the parameters it sees at creation as the model's size.
             self.pruner = StructuredPruner.from_settings(model, self.settings, progress=trainer.is_global_zero)
             self.pruner.check_reachable(self.target_sparsity, "target_sparsity")
+        if stage == "fit" and self.export_dir is not None and trainer.is_global_zero:
+            check_export_target(self.export_dir, overwrite=True)  # an unusable folder fails now, not after training
         if stage == "fit":
             if self.lora is not None and not has_lora(model):
                 inject_lora(model, self.lora)

@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rku_lightning.checks import positive_int
+from rku_lightning.cli.errors import DEBUG_HELP, OneLineParser, UsageError, run_cli
 from rku_lightning.evaluation.data import TASKS, Problem, load_problems
 from rku_lightning.evaluation.evaluate import evaluate_model, kl_to_reference
 from rku_lightning.evaluation.generation import DEFAULT_MAX_NEW_TOKENS
 from rku_lightning.evaluation.prompts import select_exemplars
 from rku_lightning.evaluation.traces import as_problems, cached_traces
-from rku_lightning.files import write_text_atomic
+from rku_lightning.files import check_can_create, write_text_atomic
 from rku_lightning.loading import DTYPES
 from rku_lightning.paths import task_file
 from rku_lightning.pruning.export import PLAN_FILE
@@ -49,7 +49,7 @@ def load_model(source: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrai
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m rku_lightning.cli.evaluate", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m rku_lightning.cli.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="hub id, local folder, .gguf, embedded:NAME or a pruned export folder")
     parser.add_argument("--task", choices=TASKS, default="gsm8k")
     parser.add_argument("--data", help="JSONL file, folder with {split}.jsonl, or datasets hub id (default: shared test set)")
@@ -75,7 +75,32 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", required=True, type=Path, help="report file; predictions go beside it as .predictions.jsonl")
     parser.add_argument("--threads", type=int, help="torch CPU threads (fewer than cores avoids oversubscription)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return parser
+
+
+def _check_outputs(report: Path) -> None:
+    """The report and predictions paths must be writable files before the run, not after it."""
+    for path in (report, _predictions_path(report)):
+        if path.is_dir():
+            raise UsageError(f"--json: {path} is a folder; pass a file path such as {path / 'report.json'}")
+        try:
+            check_can_create(path, "--json")
+        except OSError as error:
+            raise UsageError(str(error)) from None
+
+
+def _write_outputs(report_path: Path, report: dict, predictions: list[dict]) -> None:
+    """Predictions first, then the report that names them; a failed report takes its predictions with it."""
+    predictions_path = _predictions_path(report_path)
+    if predictions:
+        write_text_atomic(predictions_path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+    try:
+        write_text_atomic(report_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    except BaseException:
+        if predictions:
+            predictions_path.unlink(missing_ok=True)
+        raise
 
 
 def _predictions_path(report: Path) -> Path:
@@ -93,10 +118,10 @@ def _print_table(metrics: dict) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     for name in ("limit", "batch_size", "max_new_tokens", "max_length", "threads"):
-        try:
-            positive_int(f"--{name.replace('_', '-')}", getattr(args, name), optional=True)
-        except ValueError as error:
-            raise SystemExit(str(error)) from None
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: must be a positive integer, got {value}")
+    _check_outputs(args.json)
     if args.threads:
         torch.set_num_threads(args.threads)
     data = args.data or str(default_data(args.task))
@@ -115,9 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_s = time.perf_counter() - started
     reference, trace_record = None, None
     if args.reference_model:
-        reference, reference_tokenizer = load_model(args.reference_model, getattr(torch, args.dtype))
+        reference, reference_tokenizer = load_model(args.reference_model, DTYPES[args.dtype])
         if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise SystemExit("--reference-model: its tokenizer differs from --model's; KL needs the same vocabulary")
+            raise UsageError("--reference-model: its tokenizer differs from --model's; KL needs the same vocabulary")
     result = evaluate_model(
         model,
         tokenizer,
@@ -147,9 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "reference_traces": trace_record,
         "task": args.task,
         "data": problems.provenance(),
+        "problems": len(problems),
         "indices": [p.index for p in problems],
         "skipped_records": problems.skipped,
         "settings": {
+            "limit": args.limit,
             "batch_size": args.batch_size,
             "max_new_tokens": args.max_new_tokens,
             "max_length": args.max_length,
@@ -170,15 +197,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "command": "python -m rku_lightning.cli.evaluate " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    if result["predictions"]:
-        write_text_atomic(predictions_path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in result["predictions"]))
-    else:
+    if not result["predictions"]:
         report["predictions_file"] = None
-    write_text_atomic(args.json, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    _write_outputs(args.json, report, result["predictions"])
     _print_table(result["metrics"])
     print(f"report: {args.json}" + (f"\npredictions: {predictions_path}" if result["predictions"] else ""))
     return 0
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The command: `main` with one-line errors and exit statuses (see `rku_lightning.cli.errors`)."""
+    return run_cli(main, _parser().prog, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli())

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 
 from rku_lightning.checks import fraction
+from rku_lightning.cli.errors import DEBUG_HELP, OneLineParser, UsageError, run_cli
 from rku_lightning.evaluation.calibration import CALIBRATION_SOURCES, calibration_batches, self_calibration_problems
 from rku_lightning.evaluation.data import load_problems
 from rku_lightning.evaluation.traces import TRACE_FILTERS
 from rku_lightning.loading import DTYPES, load_causal_lm
 from rku_lightning.paths import task_file
 from rku_lightning.pruning.compaction import compact
-from rku_lightning.pruning.export import save_pruned
+from rku_lightning.pruning.export import check_export_target, save_pruned
 from rku_lightning.pruning.importance import IMPORTANCES
 from rku_lightning.pruning.objectives import OBJECTIVES
 from rku_lightning.pruning.pruner import StructuredPruner
@@ -34,7 +35,7 @@ def _choices(values: Iterable[str]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m rku_lightning.cli.prune", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m rku_lightning.cli.prune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="hub id, folder, .gguf file or embedded:NAME")
     parser.add_argument("--sparsity", type=float, required=True, help="fraction of decoder-layer parameters to remove, in [0, 1)")
     parser.add_argument("--importance", default="rku", metavar=_choices(sorted(IMPORTANCES)))
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attention", default="groups", metavar=_choices(ATTENTION_MODES))
     parser.add_argument("--min-mlp-keep", type=float, default=0.1)
     parser.add_argument("--micro-batch-size", type=int, help="split calibration batches to bound activation memory")
+    parser.add_argument("--checkpoint-layers", action="store_true", help="recompute layer activations in backward (less memory)")
     parser.add_argument("--calibration", default=str(task_file("gsm8k", "train")), help="GSM8K-style JSONL path or hub id")
     parser.add_argument("--calibration-task", default="gsm8k", choices=("gsm8k", "svamp", "jsonl"))
     parser.add_argument(
@@ -52,7 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--trace-keep", default="all", choices=TRACE_FILTERS, help="self: keep all traces or only correct ones")
     parser.add_argument("--trace-max-new-tokens", type=int, default=320, help="self: token budget of each trace")
-    parser.add_argument("--checkpoint-layers", action="store_true", help="recompute layer activations in backward (less memory)")
     parser.add_argument(
         "--samples", type=int, default=128,
         help="calibration problems (a fixed seeded sample); global allocation ranks across layers and was "
@@ -63,16 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sample and of a named importance")
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", required=True, help="export folder (written atomically)")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (fewer than cores avoids oversubscription)")
+    parser.add_argument("--out", required=True, help="export folder (written atomically; may exist if empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the export already in --out (only an export)")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return parser
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def check_arguments(args: argparse.Namespace) -> PruningSettings:
+    """Every budget and output path, before the model is loaded; returns the validated settings."""
     try:
-        fraction("sparsity", args.sparsity)
+        fraction("--sparsity", args.sparsity)
         settings = PruningSettings(
             importance=args.importance,
             allocation=args.allocation,
@@ -84,16 +86,40 @@ def main(argv: list[str] | None = None) -> dict:
             checkpoint_layers=args.checkpoint_layers,
         )
     except ValueError as error:
-        parser.error(str(error))
-    if Path(args.out).exists() and not args.overwrite:
-        raise SystemExit(f"--out {args.out} already exists; choose a new folder or pass --overwrite")
+        raise UsageError(str(error)) from None
+    for name in ("samples", "batch_size", "max_length", "threads", "trace_max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    try:
+        check_export_target(args.out, args.overwrite)
+    except OSError as error:
+        raise UsageError(f"--out: {error}".replace("overwrite=True", "--overwrite")) from None
+    if args.sparsity == 0:
+        warnings.warn("--sparsity 0 removes nothing: the export will be the unpruned model", stacklevel=2)
+    return settings
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    settings = check_arguments(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    method = settings.build_importance()
+    problems = None
+    if method.needs_calibration:  # read (and check) the data before loading the model
+        problems = load_problems(args.calibration, task=args.calibration_task, split="train").problems
     started = time.perf_counter()
     model, tokenizer = load_causal_lm(args.model, dtype=DTYPES[args.dtype])
     model.to(args.device)
     pruner = StructuredPruner.from_settings(model, settings)
-    traces = None
-    if pruner.importance.needs_calibration:
-        problems = load_problems(args.calibration, task=args.calibration_task, split="train").problems
+    if args.sparsity > (reachable := pruner.max_sparsity()):
+        raise UsageError(
+            f"--sparsity {args.sparsity} is unreachable for this model: --min-mlp-keep {args.min_mlp_keep} and one "
+            f"attention group per layer cap it at {reachable:.4f}; lower --sparsity or --min-mlp-keep"
+        )
+    calibration = traces = None
+    if problems is not None:
         if args.calibration_source == "self":
             problems, traces = self_calibration_problems(
                 model, tokenizer, problems, args.samples, args.seed, args.trace_keep, args.trace_max_new_tokens, args.batch_size
@@ -102,11 +128,13 @@ def main(argv: list[str] | None = None) -> dict:
             tokenizer, problems, args.samples, args.batch_size, args.max_length,
             questions_only=args.objective == "hidden", seed=args.seed,
         )
+        calibration = {"requested_samples": args.samples, "samples": sum(len(b["input_ids"]) for b in batches)}
         pruner.calibrate(batches)
     report = pruner.prune(args.sparsity)
     compact(model)
     metadata = {
         "cli": vars(args),
+        "calibration": calibration,
         "source_model": args.model,
         "seconds": round(time.perf_counter() - started, 1),
         "report": report.to_dict(),
@@ -118,5 +146,10 @@ def main(argv: list[str] | None = None) -> dict:
     return report.to_dict()
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The command: `main` with one-line errors and exit statuses (see `rku_lightning.cli.errors`)."""
+    return run_cli(main, build_parser().prog, argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

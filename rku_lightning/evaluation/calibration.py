@@ -9,6 +9,7 @@ own reasoning, with gradients from the generated tokens only, is what keeps GSM8
 from __future__ import annotations
 
 import random
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -25,8 +26,10 @@ CALIBRATION_SOURCES: tuple[str, ...] = ("gold", "self")
 
 
 def sample_problems(problems: Sequence[Problem], samples: int, seed: int = 0) -> list[Problem]:
-    """A seeded sample of `samples` problems in source order (all of them if there are fewer)."""
+    """A seeded sample of `samples` problems in source order (all of them, with a warning, if there are fewer)."""
     positive_int("samples", samples)
+    if samples > len(problems):
+        warnings.warn(f"samples={samples} but the calibration set has {len(problems)} problems: using all {len(problems)}", stacklevel=2)
     chosen = sorted(random.Random(seed).sample(range(len(problems)), min(samples, len(problems))))
     return [problems[i] for i in chosen]
 

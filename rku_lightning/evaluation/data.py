@@ -119,6 +119,8 @@ def _read_jsonl(path: Path, task: str, fields: FieldSpec) -> tuple[list[Problem]
     line numbers); each line is parsed here because the JSON builder stops at the first bad line
     without naming it and rejects columns whose type varies between records.
     """
+    if path.stat().st_size == 0:
+        raise ValueError(f"source: {path} is empty; it needs one JSON record per line")
     lines = datasets.load_dataset("text", data_files=str(path), split="train")["text"]
     problems, errors = [], []
     for line_no, line in enumerate(lines, start=1):
@@ -195,4 +197,6 @@ def load_problems(
     if not result.problems:
         first = f" ({result.skipped[0]})" if result.skipped else ""
         raise ValueError(f"source: {source!r} has no usable record{first}")
+    if limit is not None and len(result) < limit:
+        warnings.warn(f"limit={limit} but {source} has {len(result)} usable records: using {len(result)}", stacklevel=2)
     return result

@@ -23,13 +23,38 @@ from transformers import (
 )
 from transformers.initialization import no_init_weights
 
-from rku_lightning.files import write_folder_atomic
+from rku_lightning.files import check_can_create, recover_replaced, write_folder_atomic
 from rku_lightning.loading import prepare_tokenizer
 
 from .compaction import apply_plan
 from .families import unwrap_model
+from .plan_file import PLAN_FILE, check_config_counts, check_weight_shapes, layers_digest, read_plan
 
-PLAN_FILE = "pruning.json"
+
+def check_export_target(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an `out_dir` that an export may not be written to, before any work (CLIs call it first).
+
+    Like `save_pretrained`, an absent or empty folder is fine; a non-empty one needs `overwrite`, and
+    `overwrite` only replaces a folder that holds an export (`pruning.json`), never a file or other data.
+    The nearest existing ancestor must be a writable folder.
+    """
+    out_dir = Path(out_dir)
+    recover_replaced(out_dir)
+    if out_dir.exists() or out_dir.is_symlink():
+        if not out_dir.is_dir():
+            raise FileExistsError(f"out_dir {out_dir} is a file, not a folder; choose a folder path for the export")
+        if any(out_dir.iterdir()):
+            if not overwrite:
+                raise FileExistsError(
+                    f"out_dir {out_dir} already exists and is not empty; choose a new or empty folder or pass overwrite=True"
+                )
+            if not (out_dir / PLAN_FILE).is_file():
+                raise FileExistsError(
+                    f"out_dir {out_dir} holds no {PLAN_FILE}, so it is not an rku_lightning export; overwrite only "
+                    "replaces exports: choose another folder"
+                )
+    check_can_create(out_dir, "out_dir")
+    return out_dir
 
 
 def save_pruned(
@@ -57,9 +82,11 @@ def save_pruned(
             (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        (folder / PLAN_FILE).write_text(json.dumps({**plan, **(metadata or {})}, indent=2))
+        record = {**plan, **(metadata or {}), "layers_sha256": layers_digest(plan["layers"])}
+        (folder / PLAN_FILE).write_text(json.dumps(record, indent=2))
 
-    return write_folder_atomic(out_dir, overwrite, write)
+    check_export_target(out_dir, overwrite)
+    return write_folder_atomic(out_dir, write)
 
 
 def load_pruned(
@@ -67,11 +94,9 @@ def load_pruned(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model written by `save_pruned`, whatever its per-layer shapes."""
     out_dir = Path(out_dir)
-    plan_path = out_dir / PLAN_FILE
-    if not plan_path.is_file():
-        raise FileNotFoundError(f"{out_dir} has no {PLAN_FILE}; it was not written by save_pruned")
-    plan = json.loads(plan_path.read_text())
+    plan = read_plan(out_dir)
     if plan["uniform_shapes"]:
+        check_config_counts(out_dir, plan, AutoConfig.from_pretrained(out_dir))
         model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype)
     else:
         config = AutoConfig.from_pretrained(out_dir)
@@ -81,6 +106,7 @@ def load_pruned(
         state = {}
         for shard in sorted(out_dir.glob("*.safetensors")):
             state.update(load_file(shard))
+        check_weight_shapes(out_dir, model, state)
         missing, unexpected = model.load_state_dict(state, strict=False)
         tied = set(getattr(model, "_tied_weights_keys", None) or {})
         missing = [k for k in missing if k not in tied]

@@ -59,6 +59,16 @@ def hidden_energy_objective(family: ModelFamily, batch: dict[str, torch.Tensor])
     return (energy * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
+def scored_tokens(name: str, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(tokens the objective `name` scores, non-padding tokens) of a batch.
+
+    The objectives divide by at least one token, so a batch with none scores 0 and gives zero gradients
+    silently; callers count with this to refuse such calibration.
+    """
+    attended = int(batch["attention_mask"].sum())
+    return (int((_labels(batch)[:, 1:] != -100).sum()) if name == "ce" else attended), attended
+
+
 ObjectiveName = Literal["ce", "hidden"]
 OBJECTIVES: dict[str, Objective] = {"ce": cross_entropy_objective, "hidden": hidden_energy_objective}
 

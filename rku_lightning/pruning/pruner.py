@@ -29,7 +29,7 @@ from .checkpointing import checkpointed_layers
 from .families import LayerView, get_family, unwrap_model
 from .gates import StructureGates
 from .importance import Importance
-from .objectives import ObjectiveName, get_objective
+from .objectives import ObjectiveName, get_objective, scored_tokens
 from .settings import Allocation, Attention, PruningSettings
 from .statistics import CalibrationStatistics
 from .structures import base_param_count, head_param_count, kv_param_count, unit_param_counts
@@ -152,6 +152,11 @@ class StructuredPruner:
         self.objective = get_objective(self.settings.objective)
         self.progress = progress
         self.model = unwrap_model(model)
+        if any(p.is_meta for p in self.model.parameters()):
+            raise ValueError(
+                "model: its weights are on the meta device (built without loading them, e.g. under init_empty_weights); "
+                "load the model with its weights, or to_empty() it and load a state dict, before pruning"
+            )
         self.family = get_family(self.model)
         gates = getattr(self.model, "rku_gates", None)
         if gates is None:
@@ -178,7 +183,7 @@ class StructuredPruner:
         """Accumulate statistics over `batches` (dicts with input_ids, attention_mask[, labels]); returns the count."""
         self.gates.attach()
         device = next(self.model.parameters()).device
-        seen = 0
+        seen, scored, attended = 0, 0, 0
         iterator = tqdm(batches, desc=f"calibrate ({self.importance.name})", total=max_batches, disable=not self.progress)
         with frozen_parameters(self.model), eval_mode(self.model):
             for batch in iterator:
@@ -187,9 +192,19 @@ class StructuredPruner:
                 if self.importance.needs_calibration:
                     for micro in self._micro_batches(batch, device):
                         self._accumulate(micro)
+                        objective_tokens, mask_tokens = scored_tokens(self.settings.objective, micro)
+                        scored += objective_tokens if self.importance.needs_gradients else mask_tokens
+                        attended += mask_tokens
                 seen += 1
         if seen == 0:
             raise ValueError("batches is empty: calibrate() needs at least one batch of input_ids/attention_mask")
+        if self.importance.needs_calibration and scored == 0:
+            cause = (
+                "every attention_mask is 0: give batches with unmasked tokens"
+                if attended == 0
+                else "every label is -100, so the ce objective has nothing to predict: unmask some labels or use objective='hidden'"
+            )
+            raise ValueError(f"calibration scored no token in {seen} batches ({cause}); every score would be zero")
         return seen
 
     def _micro_batches(self, batch: dict, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
