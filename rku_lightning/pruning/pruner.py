@@ -2,7 +2,9 @@
 
 Masks live in `StructureGates` attached to the model (`model.rku_gates`), so that `compact(model)`
 and `save_pruned` need nothing but the model. Sparsity is the fraction of decoder-layer parameters
-removed (embeddings, final norm and LM head excluded).
+removed (embeddings, final norm and LM head excluded), always counted against the *dense* model:
+on a model that was compacted before (an export, or `compact` in this process), the structures
+its pruning plan already removed count as removed, and its earlier rounds stay in the history.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from .importance import Importance, get_importance
 from .objectives import get_objective
 from .statistics import CalibrationStatistics
 from .structures import base_param_count, head_param_count, kv_param_count, unit_param_counts
+
+#: A layer's dense counts: MLP channels, query heads, KV groups.
+Counts = tuple[int, int, int]
 
 ALLOCATIONS = ("global", "uniform", "joint")
 ATTENTION_MODES = ("groups", "query_heads", "none")
@@ -168,8 +173,31 @@ class StructuredPruner:
         self.gates.attach()
         self.stats = CalibrationStatistics()
         self.history: list[PruneReport] = []
-        self._decoder_total = sum(base_param_count(layer) for layer in self.adapter.decoder_layers())
-        self._model_total = base_param_count(self.model)
+        plan = getattr(self.model, "rku_pruning_plan", None)
+        #: Rounds of earlier pruning that the model's plan records (an export pruned again).
+        self.earlier_rounds: list[dict] = list((plan or {}).get("rounds", []))
+        views = self.adapter.views()
+        self._dense = [self._dense_counts(view, plan) for view in views]
+        compacted = [self._compacted_params(view) for view in views]
+        self._layer_dense = [base_param_count(view.layer) + c for view, c in zip(views, compacted)]
+        self._decoder_total = sum(self._layer_dense)
+        self._model_total = base_param_count(self.model) + sum(compacted)
+
+    @staticmethod
+    def _dense_counts(view: LayerView, plan: dict | None) -> Counts:
+        if plan is None:
+            return view.num_channels, view.num_heads, view.num_groups
+        original = plan["original"]
+        return original["intermediate_size"], original["num_attention_heads"], original["num_key_value_heads"]
+
+    def _compacted_params(self, view: LayerView) -> int:
+        """Parameters an earlier compaction removed from this layer (structure costs do not depend on widths)."""
+        channels, heads, groups = self._dense[view.index]
+        return (
+            (channels - view.num_channels) * int(unit_param_counts(view, "mlp")[0])
+            + (heads - view.num_heads) * head_param_count(view)
+            + (groups - view.num_groups) * kv_param_count(view)
+        )
 
     # -- calibration -----------------------------------------------------------------------------
     def reset(self) -> None:
@@ -238,10 +266,11 @@ class StructuredPruner:
 
     def _offer(self, view: LayerView, with_scores: bool) -> LayerOffer:
         mlp_alive, heads_alive, groups_alive = self._alive(view)
+        dense_channels, dense_heads, dense_groups = self._dense[view.index]
         channel_cost = float(unit_param_counts(view, "mlp")[0])
         head_cost, kv_cost = float(head_param_count(view)), float(kv_param_count(view))
         group_cost = kv_cost + view.heads_per_group * head_cost
-        floor = max(1, math.ceil(self.min_mlp_keep * view.num_channels))
+        floor = max(1, math.ceil(self.min_mlp_keep * dense_channels))
         if self.attention == "groups":
             kind, alive = "group", groups_alive
             attention_limit = max(0, int(groups_alive.sum()) - 1)
@@ -251,6 +280,7 @@ class StructuredPruner:
             attention_limit = max(0, int(per_group[groups_alive].min()) - 1) if bool(groups_alive.any()) else 0
         else:
             kind, alive, attention_limit = "head", heads_alive, 0
+        dense_attention = dense_heads * head_cost + dense_groups * kv_cost
         mlp: list = []
         attention: list = []
         if with_scores:
@@ -270,10 +300,11 @@ class StructuredPruner:
             attention_limit=attention_limit,
             mlp_step_cost=channel_cost,
             attention_step_cost=group_cost if self.attention == "groups" else view.num_groups * head_cost,
-            removable_params=view.num_channels * channel_cost + view.num_groups * group_cost,
-            attention_params=view.num_groups * group_cost,
-            dead_mlp_params=float((~mlp_alive).sum()) * channel_cost,
-            dead_attention_params=float((~heads_alive).sum()) * head_cost + float((~groups_alive).sum()) * kv_cost,
+            removable_params=dense_channels * channel_cost + dense_attention,
+            attention_params=dense_attention,
+            dead_mlp_params=float(dense_channels - int(mlp_alive.sum())) * channel_cost,
+            dead_attention_params=float(dense_heads - int(heads_alive.sum())) * head_cost
+            + float(dense_groups - int(groups_alive.sum())) * kv_cost,
         )
 
     def _removed_params(self) -> float:
@@ -305,10 +336,9 @@ class StructuredPruner:
         views = self.adapter.views()
         offers = [self._offer(view, with_scores=True) for view in views]
         pools = [[o] for o in offers] if self.allocation == "uniform" else [offers]
-        layer_totals = [base_param_count(v.layer) for v in views]
         plans = []
         for pool in pools:
-            pool_total = layer_totals[pool[0].layer] if self.allocation == "uniform" else self._decoder_total
+            pool_total = self._layer_dense[pool[0].layer] if self.allocation == "uniform" else self._decoder_total
             target = sparsity * pool_total
             reachable = max_removable(pool)
             if reachable < target - min(o.mlp_step_cost for o in pool) / 2:
@@ -330,9 +360,20 @@ class StructuredPruner:
             "objective": self.objective_name,
             "attention": self.attention,
             "calibration_samples": self.stats.num_samples(),
-            "rounds": [{"target_sparsity": r.target_sparsity, "sparsity": r.sparsity} for r in self.history],
+            "rounds": self.earlier_rounds + [self._round(r) for r in self.history],
         }
         return report
+
+    def _round(self, report: PruneReport) -> dict:
+        return {
+            "target_sparsity": report.target_sparsity,
+            "sparsity": report.sparsity,
+            "importance": report.importance,
+            "allocation": report.allocation,
+            "objective": report.objective,
+            "attention": report.attention,
+            "calibration_samples": self.stats.num_samples(),
+        }
 
     def max_sparsity(self) -> float:
         """The highest sparsity the min-keep rules allow (global allocation)."""
@@ -346,10 +387,9 @@ class StructuredPruner:
         layers, kv_before, kv_after = [], 0, 0
         for view in views:
             mlp, heads, groups = self._alive(view)
-            layers.append(
-                LayerReport(view.index, int(mlp.sum()), mlp.numel(), int(heads.sum()), heads.numel(), int(groups.sum()), groups.numel())
-            )
-            kv_before += 2 * view.num_groups * view.head_dim * bytes_per
+            channels, num_heads, num_groups = self._dense[view.index]
+            layers.append(LayerReport(view.index, int(mlp.sum()), channels, int(heads.sum()), num_heads, int(groups.sum()), num_groups))
+            kv_before += 2 * num_groups * view.head_dim * bytes_per
             kv_after += 2 * int(groups.sum()) * view.head_dim * bytes_per
         return PruneReport(
             target_sparsity=self.sparsity() if target_sparsity is None else target_sparsity,
