@@ -3,7 +3,8 @@
 `save_pruned` writes safetensors, config, tokenizer and `pruning.json` into a temporary folder and
 renames it, so an interrupted export never leaves a half-written model. Uniformly pruned models
 (every layer the same shape) load with plain `AutoModelForCausalLM.from_pretrained`; models with
-per-layer shapes keep the dense config and are rebuilt by `load_pruned` from `pruning.json`.
+per-layer shapes keep the dense config and are rebuilt by `load_pruned` from `pruning.json`, which
+is validated first (`plan.py`).
 """
 
 from __future__ import annotations
@@ -29,9 +30,8 @@ from rku_lightning.files import share_like_open
 from rku_lightning.loading import prepare_tokenizer
 
 from .compaction import apply_plan
-from .families import unwrap_model
-
-PLAN_FILE = "pruning.json"
+from .families import get_adapter, unwrap_model
+from .plan import LAYER_FIELDS, PLAN_FILE, PlanError, validate_config, validate_plan, validate_weights
 
 
 def _write_atomically(out_dir: Path, overwrite: bool, write) -> None:
@@ -90,32 +90,52 @@ def save_pruned(
     return out_dir
 
 
+def _module_fields(model: PreTrainedModel) -> dict[str, tuple[int, str]]:
+    """Module name -> (layer, plan field) of every sliced projection, so a shape error names what to fix."""
+    owner: dict[int, tuple[int, str]] = {}
+    mlp, heads, groups = LAYER_FIELDS
+    for view in get_adapter(model).views():
+        for field, modules in ((mlp, (*view.mlp_rows, view.mlp_out)), (heads, (view.q, view.o)), (groups, view.kv_rows)):
+            owner.update({id(m): (view.index, field) for m in modules})
+    return {name: owner[id(m)] for name, m in model.named_modules() if id(m) in owner}
+
+
+def read_plan(out_dir: str | os.PathLike) -> dict:
+    """The validated `pruning.json` of an export folder."""
+    plan_path = Path(out_dir) / PLAN_FILE
+    if not plan_path.is_file():
+        raise FileNotFoundError(f"{out_dir} has no {PLAN_FILE}; it was not written by save_pruned")
+    try:
+        plan = json.loads(plan_path.read_text())
+    except json.JSONDecodeError as error:
+        raise PlanError(f"{plan_path}: not valid JSON ({error}); re-export the model with save_pruned") from error
+    validate_plan(plan, str(plan_path))
+    return plan
+
+
 def load_pruned(
     out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a model written by `save_pruned`, whatever its per-layer shapes."""
+    """Load a model written by `save_pruned`, whatever its per-layer shapes, after checking `pruning.json`."""
     out_dir = Path(out_dir)
-    plan_path = out_dir / PLAN_FILE
-    if not plan_path.is_file():
-        raise FileNotFoundError(f"{out_dir} has no {PLAN_FILE}; it was not written by save_pruned")
-    plan = json.loads(plan_path.read_text())
-    if plan["uniform_shapes"]:
-        model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype)
-    else:
-        config = AutoConfig.from_pretrained(out_dir)
-        with no_init_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plan = read_plan(out_dir)
+    config = AutoConfig.from_pretrained(out_dir)
+    validate_config(plan, config, str(out_dir / PLAN_FILE))
+    state = {}
+    for shard in sorted(out_dir.glob("*.safetensors")):
+        state.update(load_file(shard))
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if not plan["uniform_shapes"]:
         apply_plan(model, plan)
-        state = {}
-        for shard in sorted(out_dir.glob("*.safetensors")):
-            state.update(load_file(shard))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        tied = set(getattr(model, "_tied_weights_keys", None) or {})
-        missing = [k for k in missing if k not in tied]
-        if missing or unexpected:
-            raise ValueError(f"{out_dir}: weights do not match the pruning plan (missing {missing[:5]}, unexpected {unexpected[:5]})")
-        if config.tie_word_embeddings:
-            model.tie_weights()
+    validate_weights(model, state, _module_fields(model), str(out_dir / PLAN_FILE))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"{out_dir}: weights do not match the pruning plan (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if config.tie_word_embeddings:
+        model.tie_weights()
     model.eval()
     model.rku_pruning_plan = plan
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(out_dir)) if (out_dir / "tokenizer_config.json").exists() else None
