@@ -47,6 +47,9 @@ def test_prune_cli_prunes_an_export_again_against_the_dense_model(tmp_path, shar
     plan = json.loads((tmp_path / "again" / "pruning.json").read_text())
     assert [r["target_sparsity"] for r in plan["rounds"]] == [0.2, 0.5]
     assert plan["source_model"] == str(first)
+    gguf = tmp_path / "again.gguf"
+    main(["--model", str(first), "--sparsity", "0.5", "--importance", "magnitude", "--out", str(gguf), "--format", "gguf"])
+    assert gguf.read_bytes()[:4] == b"GGUF"
 
 
 def test_evaluate_cli_and_training_module_take_exports(tmp_path, shared_data):

@@ -18,7 +18,8 @@ from rku_lightning.evaluation.data import load_problems
 from rku_lightning.loading import load_causal_lm
 from rku_lightning.paths import task_file
 from rku_lightning.pruning.compaction import compact
-from rku_lightning.pruning.export import save_pruned
+from rku_lightning.pruning.export import EXPORT_FORMATS, save_pruned
+from rku_lightning.pruning.gguf import GGUF_TYPES
 from rku_lightning.pruning.importance import IMPORTANCES
 from rku_lightning.pruning.objectives import OBJECTIVES
 from rku_lightning.pruning.pruner import ALLOCATIONS, ATTENTION_MODES, StructuredPruner
@@ -26,7 +27,7 @@ from rku_lightning.pruning.pruner import ALLOCATIONS, ATTENTION_MODES, Structure
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rku_lightning.cli.prune", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="hub id, folder, .gguf file or embedded:NAME")
+    parser.add_argument("--model", required=True, help="hub id, folder, .gguf file, embedded:NAME or a pruned export (pruned again)")
     parser.add_argument("--sparsity", type=float, required=True, help="fraction of decoder-layer parameters to remove, in [0, 1)")
     parser.add_argument("--importance", default="rku", choices=sorted(IMPORTANCES))
     parser.add_argument("--allocation", default="global", choices=ALLOCATIONS)
@@ -45,7 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", required=True, help="export folder (written atomically)")
+    parser.add_argument("--out", required=True, help="export folder, or .gguf file with --format gguf (written atomically)")
+    parser.add_argument(
+        "--format", default="safetensors", choices=EXPORT_FORMATS,
+        help="safetensors: a folder for transformers/load_causal_lm; gguf: one file for llama.cpp (README, GGUF)",
+    )
+    parser.add_argument("--gguf-dtype", default="f16", choices=sorted(GGUF_TYPES), help="weight type of --format gguf")
     parser.add_argument("--overwrite", action="store_true")
     return parser
 
@@ -83,7 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": round(time.perf_counter() - started, 1),
         "report": report.to_dict(),
     }
-    save_pruned(model, tokenizer, args.out, overwrite=args.overwrite, metadata=metadata)
+    save_pruned(model, tokenizer, args.out, overwrite=args.overwrite, metadata=metadata, format=args.format,
+                gguf_dtype=args.gguf_dtype)
     print(report.summary())
     print(f"saved to {args.out} in {metadata['seconds']} s")
     return report.to_dict()

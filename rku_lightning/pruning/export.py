@@ -4,7 +4,7 @@
 renames it, so an interrupted export never leaves a half-written model. Uniformly pruned models
 (every layer the same shape) load with plain `AutoModelForCausalLM.from_pretrained`; models with
 per-layer shapes keep the dense config and are rebuilt by `load_pruned` from `pruning.json`, which
-is validated first (`plan.py`).
+is validated first (`plan.py`). `format="gguf"` writes a llama.cpp file instead (`gguf.py`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ from rku_lightning.loading import prepare_tokenizer
 
 from .compaction import apply_plan
 from .families import get_adapter, unwrap_model
+from .gguf import save_gguf
 from .plan import LAYER_FIELDS, PLAN_FILE, PlanError, validate_config, validate_plan, validate_weights
+
+EXPORT_FORMATS = ("safetensors", "gguf")
 
 
 def _write_atomically(out_dir: Path, overwrite: bool, write) -> None:
@@ -64,14 +67,24 @@ def save_pruned(
     out_dir: str | os.PathLike,
     overwrite: bool = False,
     metadata: dict | None = None,
+    format: str = "safetensors",
+    gguf_dtype: str = "f16",
 ) -> Path:
-    """Write a compacted model, its tokenizer and `pruning.json` to `out_dir` atomically."""
+    """Write a compacted model, its tokenizer and `pruning.json` to `out_dir` atomically.
+
+    `format="gguf"` writes one llama.cpp file instead (`out_dir` is then a `.gguf` path, `gguf_dtype`
+    f32/f16/bf16), with the pruning plan inside it; see `rku_lightning.pruning.gguf`.
+    """
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
     model = unwrap_model(model)
     if getattr(model, "rku_gates", None) is not None:
         raise ValueError("save_pruned: the model still holds masks; call compact(model) before saving")
     plan = getattr(model, "rku_pruning_plan", None)
     if plan is None:
         raise ValueError("save_pruned: the model was not pruned by rku_lightning (no pruning plan); use save_pretrained")
+    if format == "gguf":
+        return save_gguf(model, tokenizer, out_dir, gguf_dtype, overwrite, metadata={**plan, **(metadata or {})})
 
     def write(folder: Path) -> None:
         model.save_pretrained(folder, safe_serialization=True)

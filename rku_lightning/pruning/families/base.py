@@ -62,6 +62,11 @@ class ModelAdapter:
 
     #: `config.architectures` names this adapter serves.
     architectures: tuple[str, ...] = ()
+    #: llama.cpp architecture of a GGUF export whose layers all have the same shape (None: no GGUF export).
+    gguf_arch: str | None = None
+    #: Which rows of a head RoPE rotates together in this family's checkpoints: "neox" = the two halves
+    #: (transformers' rotate_half), "norm" = adjacent pairs. GGUF export permutes Q/K when llama.cpp differs.
+    rope_layout: str = "neox"
 
     def __init__(self, model: PreTrainedModel):
         self.model = model

@@ -7,6 +7,7 @@ from .base import LayerView, ModelAdapter
 
 class LlamaAdapter(ModelAdapter):
     architectures = ("LlamaForCausalLM", "MistralForCausalLM")
+    gguf_arch = "llama"
 
     def layer_view(self, index: int) -> LayerView:
         layer = self.decoder_layers()[index]

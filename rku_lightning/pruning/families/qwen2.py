@@ -9,3 +9,4 @@ class Qwen2Adapter(LlamaAdapter):
     """Shares Llama's module tree (biases are found and sliced generically); its own family for Qwen2-only needs."""
 
     architectures = ("Qwen2ForCausalLM",)
+    gguf_arch = "qwen2"  # its llama.cpp graph adds the q/k/v biases and rotates NEOX-style, like transformers
