@@ -132,6 +132,7 @@ class RKUPruning(Callback):
         self.seed = seed
 
         self.pruner: StructuredPruner | None = None
+        self._start_sparsity = 0.0
         self.round = 0
         self.phase = "calibrate"
         self.records: list[dict] = []
@@ -181,6 +182,13 @@ class RKUPruning(Callback):
                 seed=self.seed,
                 progress=trainer.is_global_zero,
             )
+            # A pruned export starts part-way: the schedule runs from its sparsity (against the dense model) to the target.
+            self._start_sparsity = self.pruner.sparsity()
+            if self.target_sparsity <= self._start_sparsity:
+                raise ValueError(
+                    f"target_sparsity={self.target_sparsity} is not above the {self._start_sparsity:.4f} of the dense "
+                    "model that this (already pruned) model has removed; raise target_sparsity"
+                )
             reachable = self.pruner.max_sparsity()
             if self.target_sparsity > reachable:
                 raise ValueError(
@@ -233,7 +241,8 @@ class RKUPruning(Callback):
         assert self.pruner is not None
         self.round += 1
         seed_everything(self.seed + self.round, verbose=False)
-        target = sparsity_at(self.round, self.target_sparsity, self.rounds, self.schedule)
+        progress = sparsity_at(self.round, self.target_sparsity, self.rounds, self.schedule) / self.target_sparsity
+        target = self._start_sparsity + (self.target_sparsity - self._start_sparsity) * progress
         start = time.perf_counter()
         self.pruner.reset()
         self.pruner.calibrate(self._calibration_batches(trainer, pl_module))
