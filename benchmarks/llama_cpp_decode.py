@@ -1,6 +1,7 @@
 """Decode speed in llama.cpp: the 40 % pruned GGUF against the dense GGUF, side by side in one run.
 
-``python -m benchmarks.llama_cpp_decode --model smollm2 --sparsity 0.4`` writes ``llama_cpp/{model}-{pct}``:
+``python -m benchmarks.llama_cpp_decode --model smollm2 --sparsity 0.4`` writes ``llama_cpp/{model}-{pct}``
+(``-fa`` appended with ``--flash-attn``):
 
 * the pruned model is the efficiency row's (RKU, CE, global allocation, KV groups, the one-shot stage's
   calibration statistics: `efficiency.pruned_export`), so the llama.cpp ratio sits beside the
@@ -9,11 +10,15 @@
   same source model, so the ratio measures the pruning, not a quantisation difference;
 * both are loaded once (llama-cpp-python, the build of `make llama-cpp`) and timed alternately, the order
   flipped every repeat: after an untimed prefill of a fixed prompt, `new_tokens` greedy decode steps of
-  batch 1 (one `eval` of one token each, EOS ignored) are timed. Tokens/s per repeat, their median,
-  min, max and standard deviation, and the per-repeat pruned/dense ratios are recorded.
+  batch 1 (one `eval` of one token each, EOS ignored) are timed one by one. A repeat's speed is
+  1 / (median step time): a step that another process preempted does not move it, where the mean
+  would. Per-repeat speeds (their median, min, max, standard deviation) and the per-repeat
+  pruned/dense ratios are recorded, and the mean-based tokens/s beside them.
 
 The machines these rows come from are shared: the load average before and after is recorded, and the
-spread across the interleaved repeats is the measure of how much that moved the numbers.
+spread across the interleaved repeats is the measure of how much that moved the numbers. One llama.cpp
+thread is the default: on two cores that other jobs also use, two threads wait on each other at every
+barrier and vary by 20x between repeats (measured).
 """
 
 from __future__ import annotations
@@ -37,14 +42,17 @@ from .efficiency import PROMPT, pruned_export
 STAGE = "llama_cpp"
 
 
-def decode_tokens_per_s(llm, prompt_ids: list[int], new_tokens: int) -> float:
-    """Greedy batch-1 decode speed after an untimed prefill; every step is one llama.cpp `eval` of one token."""
+def decode_step_seconds(llm, prompt_ids: list[int], new_tokens: int) -> list[float]:
+    """Seconds of each greedy batch-1 decode step after an untimed prefill (one llama.cpp `eval` of one token)."""
     llm.reset()
     llm.eval(prompt_ids)
-    started = time.perf_counter()
+    steps = []
     for _ in range(new_tokens):
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-    return new_tokens / (time.perf_counter() - started)
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        started = time.perf_counter()
+        llm.eval([token])
+        steps.append(time.perf_counter() - started)
+    return steps
 
 
 def _spread(values: list[float]) -> dict:
@@ -57,22 +65,29 @@ def _spread(values: list[float]) -> dict:
     }
 
 
-def compare(paths: dict[str, str], prompt_ids: list[int], reps: int, new_tokens: int, threads: int) -> dict:
+def compare(paths: dict[str, str], prompt_ids: list[int], reps: int, new_tokens: int, threads: int, flash_attn: bool) -> dict:
     """Interleaved repeats over models loaded once; the order flips every repeat so drift hits both alike."""
-    llms = {name: llama_cpp.Llama(model_path=path, n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llms = {name: llama_cpp.Llama(model_path=path, n_ctx=1024, n_threads=threads, n_threads_batch=threads,
+                                  flash_attn=flash_attn, verbose=False)
             for name, path in paths.items()}
     for llm in llms.values():  # warm-up: page the weights in, build the compute graphs
-        decode_tokens_per_s(llm, prompt_ids, 4)
-    runs: dict[str, list[float]] = {name: [] for name in llms}
+        decode_step_seconds(llm, prompt_ids, 4)
+    median_based: dict[str, list[float]] = {name: [] for name in llms}
+    mean_based: dict[str, list[float]] = {name: [] for name in llms}
     for rep in range(reps):
         for name in list(llms) if rep % 2 == 0 else list(llms)[::-1]:
-            runs[name].append(decode_tokens_per_s(llms[name], prompt_ids, new_tokens))
+            steps = decode_step_seconds(llms[name], prompt_ids, new_tokens)
+            median_based[name].append(1 / statistics.median(steps))
+            mean_based[name].append(len(steps) / sum(steps))
     for llm in llms.values():
         llm.close()
-    ratios = [p / d for p, d in zip(runs["pruned"], runs["dense"])]
     return {
-        "decode_b1_tokens_per_s": {name: _spread(values) for name, values in runs.items()},
-        "ratio_pruned_over_dense": _spread(ratios),
+        "decode_b1_tokens_per_s": {name: _spread(values) for name, values in median_based.items()},
+        "ratio_pruned_over_dense": _spread([p / d for p, d in zip(median_based["pruned"], median_based["dense"])]),
+        "mean_based": {
+            "decode_b1_tokens_per_s": {name: _spread(values) for name, values in mean_based.items()},
+            "ratio_pruned_over_dense": _spread([p / d for p, d in zip(mean_based["pruned"], mean_based["dense"])]),
+        },
     }
 
 
@@ -100,7 +115,8 @@ def llama_cpp_row(model_key: str, sparsity: float, args) -> dict:
     del pruned
     prompt_ids = tokenizer(PROMPT)["input_ids"]
     load_before = os.getloadavg()
-    measured = compare({k: str(v) for k, v in paths.items()}, prompt_ids, args.reps, args.new_tokens, args.threads)
+    measured = compare({k: str(v) for k, v in paths.items()}, prompt_ids, args.reps, args.new_tokens, args.threads,
+                       args.flash_attn)
     load_after = os.getloadavg()
     return {
         "model": model_key,
@@ -112,6 +128,7 @@ def llama_cpp_row(model_key: str, sparsity: float, args) -> dict:
         **measured,
         "transformers": transformers_ratio(model_key, pct),
         "settings": {"reps": args.reps, "new_tokens": args.new_tokens, "threads": args.threads, "dtype": args.dtype,
+                     "flash_attn": args.flash_attn, "speed": "1 / median decode-step time per repeat",
                      "prompt": PROMPT, "prompt_tokens": len(prompt_ids), "greedy": True, "interleaved": True,
                      "llama_cpp_python": llama_cpp.__version__},
         "machine_note": "shared machine: other jobs ran on the same 2 CPU cores during the measurement; "
@@ -124,15 +141,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.llama_cpp_decode", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), nargs="+", default=["smollm2"])
     parser.add_argument("--sparsity", type=float, default=0.4)
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (the machine's cores)")
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads (see the module docstring)")
+    parser.add_argument("--flash-attn", action="store_true",
+                        help="llama.cpp flash attention: without it, per-layer exports pad the V cache to the widest layer")
     parser.add_argument("--dtype", default="f16", choices=sorted(GGUF_TYPES))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # pruning and export only: one thread is the fast setting on 2 shared cores
     for model_key in args.model:
         row = llama_cpp_row(model_key, args.sparsity, args)
-        path = write_row(STAGE, f"{model_key}-{round(args.sparsity * 100)}", row)
+        path = write_row(STAGE, f"{model_key}-{round(args.sparsity * 100)}" + ("-fa" if args.flash_attn else ""), row)
         ratio = row["ratio_pruned_over_dense"]
         print(f"{model_key}: llama.cpp decode ratio {ratio['median']} (min {ratio['min']}, max {ratio['max']}) -> {path}")
 
