@@ -117,6 +117,15 @@ def test_half_precision_exports_run(llama_cpp, dtype, tmp_path):
     assert "output.weight" not in {t.name for t in GGUFReader(str(path)).tensors}  # tied
 
 
+def test_a_uniform_gguf_loads_back_into_transformers(family, tmp_path):
+    """Written under the family's own architecture, a uniform GGUF is one transformers reads (and un-permutes)."""
+    model, _ = pruned_tiny(family, "uniform")
+    path = save_pruned(model, tiny_bpe_tokenizer(), tmp_path / "model.gguf", format="gguf", gguf_dtype="f32")
+    back, _ = load_causal_lm(path)
+    ids = tiny_bpe_tokenizer()(PROMPTS[2])["input_ids"]
+    np.testing.assert_allclose(hf_logits(back, ids), hf_logits(model, ids), rtol=0, atol=1e-5)
+
+
 def test_gguf_export_errors(tmp_path):
     model, _ = pruned_tiny("llama", "global")
     tokenizer = tiny_bpe_tokenizer()

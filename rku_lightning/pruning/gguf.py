@@ -103,6 +103,7 @@ def llama_cpp_pre_tokenizer(spec: dict) -> str:
 
 
 def _adds(tokenizer: PreTrainedTokenizerBase, token_id: int | None, position: int) -> bool:
+    """Whether encoding puts this special token at `position` (0: BOS, -1: EOS): llama.cpp must add it too."""
     if token_id is None:
         return False
     ids = tokenizer("a", add_special_tokens=True)["input_ids"]
