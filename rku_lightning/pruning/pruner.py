@@ -364,16 +364,11 @@ class StructuredPruner:
         }
         return report
 
-    def _round(self, report: PruneReport) -> dict:
-        return {
-            "target_sparsity": report.target_sparsity,
-            "sparsity": report.sparsity,
-            "importance": report.importance,
-            "allocation": report.allocation,
-            "objective": report.objective,
-            "attention": report.attention,
-            "calibration_samples": self.stats.num_samples(),
-        }
+    @staticmethod
+    def _round(report: PruneReport) -> dict:
+        """One round as `pruning.json` keeps it (read off the report, so a resumed pruner rebuilds it too)."""
+        keys = ("target_sparsity", "sparsity", "importance", "allocation", "objective", "attention")
+        return {key: getattr(report, key) for key in keys}
 
     def max_sparsity(self) -> float:
         """The highest sparsity the min-keep rules allow (global allocation)."""
