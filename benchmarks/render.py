@@ -418,6 +418,26 @@ def efficiency_section(rows: list[dict]) -> list[str]:
     return lines
 
 
+def llama_cpp_section(rows: list[dict]) -> list[str]:
+    """Decode speed of the pruned GGUF over the dense GGUF in llama.cpp, beside the transformers ratio."""
+    lines = ["## llama.cpp decode (pruned GGUF / dense GGUF, interleaved in one process)", "",
+             "| row | dense tokens/s | pruned tokens/s | ratio median [min, max] | transformers ratio | ideal | settings | commit |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        speed, ratio, settings = r["decode_b1_tokens_per_s"], r["ratio_pruned_over_dense"], r["settings"]
+        report = r["pruned_model"]["report"]
+        theirs = r["transformers"]["decode_b1_tokens_per_s"] if r["transformers"] else None
+        spans = [f"{speed[k]['median']:.1f} [{speed[k]['min']:.1f}, {speed[k]['max']:.1f}]" for k in ("dense", "pruned")]
+        lines.append(
+            f"| {r['row_id']} | {spans[0]} | {spans[1]} | {ratio['median']:.3f} [{ratio['min']:.3f}, {ratio['max']:.3f}] "
+            f"| {_fmt(theirs)} | {report['total_params_before'] / report['total_params_after']:.3f} "
+            f"| {settings['dtype']}, {settings['threads']} thread(s), {settings['reps']} reps, flash_attn {settings['flash_attn']} "
+            f"| {r['commit'][:7]} |"
+        )
+    return lines + ["", "Shared machine: other jobs ran on the same cores (load averages in each row); "
+                    "the spread of the interleaved per-repeat ratios is the measure of that.", ""]
+
+
 #: Validation metrics plotted per round, with their axis labels.
 RECOVER_PANELS = {"val/cot_nll": "CoT NLL (nats/token)", "val/gsm8k_acc": "GSM8K accuracy", "val/ood_acc": "OOD (SVAMP) accuracy"}
 
@@ -550,5 +570,7 @@ def render() -> Path:
         lines += recover_section(recover, RESULTS / "recover_rounds.png")
     if efficiency := load_rows("efficiency"):
         lines += efficiency_section(efficiency)
+    if llama_cpp := load_rows("llama_cpp"):
+        lines += llama_cpp_section(llama_cpp)
     RESULTS_MD.write_text("\n".join(lines) + "\n")
     return RESULTS_MD

@@ -233,8 +233,20 @@ def _load_embedded(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreT
 def load_causal_lm(
     source: str | os.PathLike, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load `(model, tokenizer)` from a hub id, a local folder, a `.gguf` file or `embedded:NAME`."""
+    """Load `(model, tokenizer)` from a hub id, a local folder, a `.gguf` file, `embedded:NAME` or a pruned export.
+
+    A folder holding `pruning.json` is a `save_pruned` export (uniform or per-layer shapes): it loads
+    through `load_pruned`, so every entry point (CLIs, `train.py`, the API) takes exports as input.
+    """
     source = str(source)
+    # Imported here: the export module uses prepare_tokenizer from this one.
+    from rku_lightning.pruning.export import PLAN_FILE, load_pruned
+
+    if (Path(source) / PLAN_FILE).is_file():
+        model, tokenizer = load_pruned(source, dtype)
+        if tokenizer is None:
+            raise ValueError(f"model: the export {source} has no tokenizer; save it with save_pruned(model, tokenizer, ...)")
+        return model, tokenizer
     if source.startswith(EMBEDDED_PREFIX):
         model, tokenizer = _load_embedded(source[len(EMBEDDED_PREFIX) :], dtype)
     elif source.endswith(".gguf"):

@@ -102,6 +102,33 @@ def tiny_tokenizer(tmp_path: Path) -> PreTrainedTokenizerFast:
     return fast
 
 
+BPE_VOCAB = 320
+BPE_CORPUS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "How many clips did Natalia sell altogether in April and May? Let's think step by step.",
+    "The answer is 72. She sold 48 + 24 = 72 clips.",
+]
+
+
+def tiny_bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE tokenizer (what llama.cpp's `gpt2` vocabulary reads), trained on three lines.
+
+    <pad>, <s>, </s> are ids 0-2 like the tiny configs'; it has fewer than `BPE_VOCAB` tokens, so a model
+    with `vocab_size=BPE_VOCAB` also has embedding rows past the tokenizer, as Qwen2's do.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB - 8, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(BPE_CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
 @pytest.fixture(params=["llama", "qwen2"])
 def family(request) -> str:
     return request.param

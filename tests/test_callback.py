@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import lightning as L
 import pytest
 import torch
@@ -306,3 +308,26 @@ def test_mask_disagreement_across_ranks_fails_loudly():
     trainer = SimpleNamespace(world_size=2, strategy=strategy)
     with pytest.raises(RuntimeError, match="ranks \\[1\\] hold different masks"):
         rku._check_masks_agree(trainer, SimpleNamespace(device=torch.device("cpu")))
+
+
+def test_an_export_is_pruned_on_from_its_own_sparsity(tmp_path):
+    """Starting from a 20 % export, the schedule runs from 0.2 to the target, counted against the dense model."""
+    from rku_lightning import StructuredPruner, compact, save_pruned
+
+    model = tiny_model("qwen2")
+    pruner = StructuredPruner(model, importance="magnitude", progress=False)
+    pruner.prune(0.2)
+    start = pruner.sparsity()
+    compact(model)
+    save_pruned(model, None, tmp_path / "first")
+    module = TinyLM("qwen2")
+    module.model, _ = load_pruned(tmp_path / "first")
+    with pytest.raises(ValueError, match="not above"):
+        make_trainer(tmp_path, [pruning(target_sparsity=0.15)]).fit(module, TokenData())
+    rku = pruning(rounds=2, export_dir=str(tmp_path / "again"))
+    make_trainer(tmp_path, [rku]).fit(module, TokenData())
+    targets = [start + (0.4 - start) * s / 0.4 for s in sparsity_schedule(0.4, 2, "cubic")]
+    assert [r["target_sparsity"] for r in rku.records] == pytest.approx(targets)
+    assert rku.records[-1]["sparsity"] == pytest.approx(0.4, abs=0.02)
+    rounds = json.loads((tmp_path / "again" / "pruning.json").read_text())["rounds"]
+    assert [r["target_sparsity"] for r in rounds] == pytest.approx([0.2, *targets])

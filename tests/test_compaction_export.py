@@ -115,16 +115,28 @@ def test_save_and_load_round_trip(family, allocation, tmp_path):
 
 
 def test_a_loaded_model_can_be_pruned_again(family, tmp_path):
-    model, _ = pruned(family, sparsity=0.2)
+    """Re-pruning an export counts sparsity against the dense model and keeps every round in pruning.json."""
+    model, first_pruner = pruned(family, sparsity=0.2)
+    dense_decoder = first_pruner.report().decoder_params_before
     compact(model)
     loaded, _ = load_pruned(save_pruned(model, None, tmp_path / "a"))
     pruner = StructuredPruner(loaded, importance="magnitude", progress=False)
-    pruner.prune(0.2)
+    assert pruner.sparsity() == pytest.approx(first_pruner.sparsity())
+    with pytest.raises(ValueError, match="already pruned"):
+        pruner.prune(0.1)
+    report = pruner.prune(0.4)
+    assert report.decoder_params_before == dense_decoder
+    assert report.sparsity == pytest.approx(0.4, abs=0.02)
+    assert report.layers[0].mlp_channels_total == 64 and report.layers[0].kv_groups_total == 2
     plan = compact(loaded)
+    decoder_now = sum(p.numel() for p in loaded.model.layers.parameters())
+    assert decoder_now == report.decoder_params_after
     first = json.loads((tmp_path / "a" / "pruning.json").read_text())
     for layer_then, layer_now in zip(first["layers"], plan["layers"]):
         assert set(layer_now["mlp_channels"]) <= set(layer_then["mlp_channels"])  # original indices
     again, _ = load_pruned(save_pruned(loaded, None, tmp_path / "b"))
+    rounds = json.loads((tmp_path / "b" / "pruning.json").read_text())["rounds"]
+    assert [(r["target_sparsity"], r["importance"]) for r in rounds] == [(0.2, "rku"), (0.4, "magnitude")]
     batch = tiny_batches(1)[0]
     with torch.no_grad():
         assert torch.allclose(again(**batch).logits, loaded(**batch).logits, atol=1e-6)

@@ -10,7 +10,6 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 
-from rku_lightning.cli import evaluate
 from rku_lightning.cli.errors import UsageError
 from rku_lightning.cli.evaluate import default_data, main
 from rku_lightning.evaluation.data import Problem, load_problems
@@ -172,14 +171,6 @@ def test_cli_end_to_end(tmp_path, shared_data, capsys) -> None:
 def test_cli_rejects_bad_numbers(tmp_path) -> None:
     with pytest.raises(UsageError, match="--batch-size"):
         main(["--model", "x", "--batch-size", "0", "--json", str(tmp_path / "r.json")])
-
-
-def test_pruned_folders_load_through_load_pruned(tmp_path, monkeypatch) -> None:
-    import rku_lightning.pruning.export
-
-    (tmp_path / "pruning.json").write_text("{}")
-    monkeypatch.setattr(rku_lightning.pruning.export, "load_pruned", lambda source, dtype: ("pruned", source))
-    assert evaluate.load_model(str(tmp_path)) == ("pruned", str(tmp_path))
 
 
 def test_default_data_follows_env(monkeypatch, tmp_path) -> None:

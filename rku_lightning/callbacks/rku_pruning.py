@@ -117,6 +117,7 @@ class RKUPruning(Callback):
         self.compact_at_end = compact_at_end
 
         self.pruner: StructuredPruner | None = None
+        self._start_sparsity = 0.0
         self.round = 0
         self.phase = "calibrate"
         self.records: list[dict] = []
@@ -153,6 +154,13 @@ class RKUPruning(Callback):
         if self.pruner is None:
             # Before LoRA injection: the engine counts the parameters it sees at creation as the model's size.
             self.pruner = StructuredPruner.from_settings(model, self.settings, progress=trainer.is_global_zero)
+            # A pruned export starts part-way: the schedule runs from its sparsity (against the dense model) to the target.
+            self._start_sparsity = self.pruner.sparsity()
+            if self.target_sparsity <= self._start_sparsity:
+                raise ValueError(
+                    f"target_sparsity={self.target_sparsity} is not above the {self._start_sparsity:.4f} of the dense "
+                    "model that this (already pruned) model has removed; raise target_sparsity"
+                )
             self.pruner.check_reachable(self.target_sparsity, "target_sparsity")
         if stage == "fit" and self.export_dir is not None and trainer.is_global_zero:
             check_export_target(self.export_dir, overwrite=True)  # an unusable folder fails now, not after training
@@ -202,7 +210,8 @@ class RKUPruning(Callback):
         assert self.pruner is not None
         self.round += 1
         seed_everything(self.settings.seed + self.round, verbose=False)
-        target = sparsity_at(self.round, self.target_sparsity, self.rounds, self.schedule)
+        progress = sparsity_at(self.round, self.target_sparsity, self.rounds, self.schedule) / self.target_sparsity
+        target = self._start_sparsity + (self.target_sparsity - self._start_sparsity) * progress
         start = time.perf_counter()
         self.pruner.reset()
         self.pruner.calibrate(self._calibration_batches(trainer, pl_module))

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rku_lightning.cli.errors import DEBUG_HELP, OneLineParser, UsageError, run_cli
 from rku_lightning.evaluation.data import TASKS, Problem, load_problems
@@ -25,9 +24,8 @@ from rku_lightning.evaluation.generation import DEFAULT_MAX_NEW_TOKENS
 from rku_lightning.evaluation.prompts import select_exemplars
 from rku_lightning.evaluation.traces import as_problems, cached_traces
 from rku_lightning.files import check_can_create, write_text_atomic
-from rku_lightning.loading import DTYPES
+from rku_lightning.loading import DTYPES, load_causal_lm
 from rku_lightning.paths import task_file
-from rku_lightning.pruning.export import PLAN_FILE
 
 
 def default_data(task: str) -> Path:
@@ -35,17 +33,6 @@ def default_data(task: str) -> Path:
     if task == "jsonl":
         raise ValueError("data: --task jsonl has no default data file; pass --data PATH_OR_HUB_ID")
     return task_file(task, "test")
-
-
-def load_model(source: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A pruned export folder (it holds pruning.json) through `load_pruned`, anything else through `load_causal_lm`."""
-    if (Path(source) / PLAN_FILE).is_file():
-        from rku_lightning.pruning.export import load_pruned
-
-        return load_pruned(source, dtype=dtype)
-    from rku_lightning.loading import load_causal_lm
-
-    return load_causal_lm(source, dtype=dtype)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -136,11 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         exemplars = select_exemplars(pool.problems, args.few_shot, args.seed, exclude=problems.problems)
 
     started = time.perf_counter()
-    model, tokenizer = load_model(args.model, DTYPES[args.dtype])
+    model, tokenizer = load_causal_lm(args.model, DTYPES[args.dtype])
     load_s = time.perf_counter() - started
     reference, trace_record = None, None
     if args.reference_model:
-        reference, reference_tokenizer = load_model(args.reference_model, DTYPES[args.dtype])
+        reference, reference_tokenizer = load_causal_lm(args.reference_model, DTYPES[args.dtype])
         if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise UsageError("--reference-model: its tokenizer differs from --model's; KL needs the same vocabulary")
     result = evaluate_model(

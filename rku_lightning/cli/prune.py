@@ -22,7 +22,8 @@ from rku_lightning.evaluation.traces import TRACE_FILTERS
 from rku_lightning.loading import DTYPES, load_causal_lm
 from rku_lightning.paths import task_file
 from rku_lightning.pruning.compaction import compact
-from rku_lightning.pruning.export import check_export_target, save_pruned
+from rku_lightning.pruning.export import EXPORT_FORMATS, check_export_target, save_pruned
+from rku_lightning.pruning.gguf import GGUF_TYPES
 from rku_lightning.pruning.importance import IMPORTANCES
 from rku_lightning.pruning.objectives import OBJECTIVES
 from rku_lightning.pruning.pruner import StructuredPruner
@@ -36,7 +37,7 @@ def _choices(values: Iterable[str]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m rku_lightning.cli.prune", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="hub id, folder, .gguf file or embedded:NAME")
+    parser.add_argument("--model", required=True, help="hub id, folder, .gguf file, embedded:NAME or a pruned export (pruned again)")
     parser.add_argument("--sparsity", type=float, required=True, help="fraction of decoder-layer parameters to remove, in [0, 1)")
     parser.add_argument("--importance", default="rku", metavar=_choices(sorted(IMPORTANCES)))
     parser.add_argument("--allocation", default="global", metavar=_choices(ALLOCATIONS))
@@ -65,7 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (fewer than cores avoids oversubscription)")
-    parser.add_argument("--out", required=True, help="export folder (written atomically; may exist if empty)")
+    parser.add_argument("--out", required=True, help="export folder, or .gguf file with --format gguf (written atomically)")
+    parser.add_argument(
+        "--format", default="safetensors", choices=EXPORT_FORMATS,
+        help="safetensors: a folder for transformers/load_causal_lm; gguf: one file for llama.cpp (README, GGUF)",
+    )
+    parser.add_argument("--gguf-dtype", default="f16", choices=sorted(GGUF_TYPES), help="weight type of --format gguf")
     parser.add_argument("--overwrite", action="store_true", help="replace the export already in --out (only an export)")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return parser
@@ -92,8 +98,8 @@ def check_arguments(args: argparse.Namespace) -> PruningSettings:
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     try:
-        check_export_target(args.out, args.overwrite)
-    except OSError as error:
+        check_export_target(args.out, args.overwrite, args.format)
+    except (OSError, ValueError) as error:
         raise UsageError(f"--out: {error}".replace("overwrite=True", "--overwrite")) from None
     if args.sparsity == 0:
         warnings.warn("--sparsity 0 removes nothing: the export will be the unpruned model", stacklevel=2)
@@ -140,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
         "report": report.to_dict(),
         "traces": traces,
     }
-    save_pruned(model, tokenizer, args.out, overwrite=args.overwrite, metadata=metadata)
+    save_pruned(model, tokenizer, args.out, overwrite=args.overwrite, metadata=metadata, format=args.format,
+                gguf_dtype=args.gguf_dtype)
     print(report.summary())
     print(f"saved to {args.out} in {metadata['seconds']} s")
     return report.to_dict()

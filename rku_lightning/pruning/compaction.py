@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .families import LayerView, ModelFamily, base_linear, get_family, unwrap_model
+from .plan import layer_shapes_uniform
 
 
 def _slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
@@ -43,11 +44,6 @@ def keep_layer(family: ModelFamily, view: LayerView, channels: torch.Tensor, hea
     for module in view.kv_rows:
         _slice_linear(base_linear(module), rows=_head_rows(groups, view.head_dim))
     family.set_attention_shape(view, int(heads.numel()), int(groups.numel()))
-
-
-def layer_shapes_uniform(plan: dict) -> bool:
-    shapes = {(len(x["mlp_channels"]), len(x["heads"]), len(x["kv_groups"])) for x in plan["layers"]}
-    return len(shapes) == 1
 
 
 def apply_plan(model: nn.Module, plan: dict) -> None:

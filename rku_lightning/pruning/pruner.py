@@ -2,7 +2,9 @@
 
 Masks live in `StructureGates` attached to the model (`model.rku_gates`), so that `compact(model)`
 and `save_pruned` need nothing but the model. Sparsity is the fraction of decoder-layer parameters
-removed (embeddings, final norm and LM head excluded).
+removed (embeddings, final norm and LM head excluded), always counted against the *dense* model:
+on a model that was compacted before (an export, or `compact` in this process), the structures
+its pruning plan already removed count as removed, and its earlier rounds stay in the history.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ from .objectives import ObjectiveName, get_objective, scored_tokens
 from .settings import Allocation, Attention, PruningSettings
 from .statistics import CalibrationStatistics
 from .structures import base_param_count, head_param_count, kv_param_count, unit_param_counts
+
+#: A layer's dense counts: MLP channels, query heads, KV groups.
+Counts = tuple[int, int, int]
 
 
 @dataclass
@@ -166,9 +171,31 @@ class StructuredPruner:
         self.gates.attach()
         self.stats = CalibrationStatistics()
         self.history: list[PruneReport] = []
-        self._layer_totals = [base_param_count(layer) for layer in self.family.decoder_layers()]
-        self._decoder_total = sum(self._layer_totals)
-        self._model_total = base_param_count(self.model)
+        plan = getattr(self.model, "rku_pruning_plan", None)
+        #: Rounds of earlier pruning that the model's plan records (an export pruned again).
+        self.earlier_rounds: list[dict] = list((plan or {}).get("rounds", []))
+        views = self.family.views()
+        self._dense = [self._dense_counts(view, plan) for view in views]
+        compacted = [self._compacted_params(view) for view in views]
+        self._layer_dense = [base_param_count(view.layer) + c for view, c in zip(views, compacted)]
+        self._decoder_total = sum(self._layer_dense)
+        self._model_total = base_param_count(self.model) + sum(compacted)
+
+    @staticmethod
+    def _dense_counts(view: LayerView, plan: dict | None) -> Counts:
+        if plan is None:
+            return view.num_channels, view.num_heads, view.num_groups
+        original = plan["original"]
+        return original["intermediate_size"], original["num_attention_heads"], original["num_key_value_heads"]
+
+    def _compacted_params(self, view: LayerView) -> int:
+        """Parameters an earlier compaction removed from this layer (structure costs do not depend on widths)."""
+        channels, heads, groups = self._dense[view.index]
+        return (
+            (channels - view.num_channels) * int(unit_param_counts(view, "mlp")[0])
+            + (heads - view.num_heads) * head_param_count(view)
+            + (groups - view.num_groups) * kv_param_count(view)
+        )
 
     @classmethod
     def from_settings(cls, model: torch.nn.Module, settings: PruningSettings, progress: bool = True) -> StructuredPruner:
@@ -256,11 +283,12 @@ class StructuredPruner:
 
     def _offer(self, view: LayerView, with_scores: bool) -> LayerOffer:
         mlp_alive, heads_alive, groups_alive = self._alive(view)
+        dense_channels, dense_heads, dense_groups = self._dense[view.index]
         channel_cost = float(unit_param_counts(view, "mlp")[0])
         head_cost, kv_cost = float(head_param_count(view)), float(kv_param_count(view))
         group_cost = kv_cost + view.heads_per_group * head_cost
         attention_mode = self.settings.attention
-        floor = max(1, math.ceil(self.settings.min_mlp_keep * view.num_channels))
+        floor = max(1, math.ceil(self.settings.min_mlp_keep * dense_channels))
         if attention_mode == "groups":
             kind, alive = "group", groups_alive
             attention_limit = max(0, int(groups_alive.sum()) - 1)
@@ -270,6 +298,7 @@ class StructuredPruner:
             attention_limit = max(0, int(per_group[groups_alive].min()) - 1) if bool(groups_alive.any()) else 0
         else:
             kind, alive, attention_limit = "head", heads_alive, 0
+        dense_attention = dense_heads * head_cost + dense_groups * kv_cost
         mlp: list = []
         attention: list = []
         if with_scores:
@@ -289,10 +318,11 @@ class StructuredPruner:
             attention_limit=attention_limit,
             mlp_step_cost=channel_cost,
             attention_step_cost=group_cost if attention_mode == "groups" else view.num_groups * head_cost,
-            removable_params=view.num_channels * channel_cost + view.num_groups * group_cost,
-            attention_params=view.num_groups * group_cost,
-            dead_mlp_params=float((~mlp_alive).sum()) * channel_cost,
-            dead_attention_params=float((~heads_alive).sum()) * head_cost + float((~groups_alive).sum()) * kv_cost,
+            removable_params=dense_channels * channel_cost + dense_attention,
+            attention_params=dense_attention,
+            dead_mlp_params=float(dense_channels - int(mlp_alive.sum())) * channel_cost,
+            dead_attention_params=float(dense_heads - int(heads_alive.sum())) * head_cost
+            + float(dense_groups - int(groups_alive.sum())) * kv_cost,
         )
 
     def _removed_params(self) -> float:
@@ -309,7 +339,7 @@ class StructuredPruner:
     def _pools(self, offers: list[LayerOffer]) -> list[tuple[list[LayerOffer], float]]:
         """The pools that each meet the budget, with the parameters it is a fraction of."""
         if self.settings.allocation == "uniform":
-            return [([o], float(self._layer_totals[o.layer])) for o in offers]
+            return [([o], float(self._layer_dense[o.layer])) for o in offers]
         return [(offers, float(self._decoder_total))]
 
     def check_reachable(self, sparsity: float, name: str = "sparsity", offers: list[LayerOffer] | None = None) -> None:
@@ -357,9 +387,15 @@ class StructuredPruner:
             "objective": self.settings.objective,
             "attention": self.settings.attention,
             "calibration_samples": self.stats.num_samples(),
-            "rounds": [{"target_sparsity": r.target_sparsity, "sparsity": r.sparsity} for r in self.history],
+            "rounds": self.earlier_rounds + [self._round(r) for r in self.history],
         }
         return report
+
+    @staticmethod
+    def _round(report: PruneReport) -> dict:
+        """One round as `pruning.json` keeps it (read off the report, so a resumed pruner rebuilds it too)."""
+        keys = ("target_sparsity", "sparsity", "importance", "allocation", "objective", "attention")
+        return {key: getattr(report, key) for key in keys}
 
     def max_sparsity(self) -> float:
         """The highest sparsity the min-keep rules allow (global allocation)."""
@@ -373,10 +409,9 @@ class StructuredPruner:
         layers, kv_before, kv_after = [], 0, 0
         for view in views:
             mlp, heads, groups = self._alive(view)
-            layers.append(
-                LayerReport(view.index, int(mlp.sum()), mlp.numel(), int(heads.sum()), heads.numel(), int(groups.sum()), groups.numel())
-            )
-            kv_before += 2 * view.num_groups * view.head_dim * bytes_per
+            channels, num_heads, num_groups = self._dense[view.index]
+            layers.append(LayerReport(view.index, int(mlp.sum()), channels, int(heads.sum()), num_heads, int(groups.sum()), num_groups))
+            kv_before += 2 * num_groups * view.head_dim * bytes_per
             kv_after += 2 * int(groups.sum()) * view.head_dim * bytes_per
         return PruneReport(
             target_sparsity=self.sparsity() if target_sparsity is None else target_sparsity,

@@ -77,6 +77,11 @@ class ModelFamily(ABC):
 
     #: `config.model_type` values this family serves.
     model_types: ClassVar[tuple[str, ...]] = ()
+    #: llama.cpp architecture of a GGUF export whose layers all have the same shape (None: no GGUF export).
+    gguf_arch: ClassVar[str | None] = None
+    #: Which rows of a head RoPE rotates together in this family's checkpoints: "neox" = the two halves
+    #: (transformers' rotate_half), "norm" = adjacent pairs. GGUF export permutes Q/K when llama.cpp differs.
+    rope_layout: ClassVar[str] = "neox"
 
     def __init__(self, model: PreTrainedModel):
         self.model = model

@@ -9,6 +9,7 @@ from .registry import register_family
 @register_family
 class LlamaFamily(ModelFamily):
     model_types = ("llama", "mistral")
+    gguf_arch = "llama"
 
     def layer_view(self, index: int) -> LayerView:
         layer = self.decoder_layers()[index]

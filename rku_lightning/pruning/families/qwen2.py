@@ -11,3 +11,4 @@ class Qwen2Family(LlamaFamily):
     """Shares Llama's module tree (biases are found and sliced generically); its own family for Qwen2-only needs."""
 
     model_types = ("qwen2",)
+    gguf_arch = "qwen2"  # its llama.cpp graph adds the q/k/v biases and rotates NEOX-style, like transformers
