@@ -76,6 +76,12 @@ class Settings:
     calib_source: str = "gold"
     #: Teacher-forced KL(dense || pruned) on the GSM8K questions (dense answers and gold solutions).
     kl: bool = True
+    #: Where the row computes: `auto` is the GPU when there is one (benchmarks/gpu_reasoning.sh), else the CPU.
+    device: str = "auto"
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device)
 
     @property
     def stage(self) -> str:
@@ -191,6 +197,7 @@ def run_row(row: Row, settings: Settings) -> dict:
     timings: dict = {}
     started = time.perf_counter()
     model, tokenizer = load_causal_lm(MODELS[row.model])
+    model.to(settings.torch_device)
     timings["load_s"] = round(time.perf_counter() - started, 1)
     report = None
     if row.importance is not None:
@@ -246,6 +253,7 @@ def run_row(row: Row, settings: Settings) -> dict:
 def kl_to_dense(model, tokenizer, model_key: str, problems: list, settings: Settings) -> dict:
     """KL(dense || pruned) per token on the dense model's own (cached) answers and on the gold solutions."""
     reference, _ = load_causal_lm(MODELS[model_key])
+    reference.to(settings.torch_device)
     traces, _ = cached_traces(reference, tokenizer, problems, settings.max_new_tokens, settings.batch_size, progress=False)
     return {
         "kl_to_dense": kl_to_reference(model, reference, tokenizer, as_problems(traces), 2, progress=False),

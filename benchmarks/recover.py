@@ -59,6 +59,17 @@ PRESETS: dict[str, list[str]] = {
         "--model.recovery=kd", "--data.train_source=self", "--data.calibration_source=self",
         "--data.calibration_samples=16", "--data.trace_samples=64",
     ],
+    # One GPU (benchmarks/gpu_reasoning.sh): the config's budget (4 rounds to 40 %, 50 steps of 4 x 384
+    # tokens), uniform allocation, 100 + 100 validation questions in batches of 100.
+    **{
+        f"gpu-{name}": ["--trainer.accelerator=gpu", "--data.eval_batch_size=100", "--pruning.allocation=uniform", *extra]
+        for name, extra in {
+            "ce-gold": [],
+            "kd-self": ["--model.recovery=kd", "--data.train_source=self", "--data.calibration_source=self",
+                        "--data.trace_samples=800"],
+            "recovery-only": ["--pruning.rounds=1", "--pruning.target_sparsity=0.001", "--evaluate_dense=false"],
+        }.items()
+    },
     # The control for it: one round of the same recovery after removing only 0.1 % (the least a
     # run may target), so that what LoRA recovery alone does to accuracy can be told from pruning.
     "cpu-recovery-only": [

@@ -211,11 +211,17 @@ def test_shipped_configs_parse(config):
     assert "target_sparsity:" in result.stdout and "pretrained:" in result.stdout
 
 
-@pytest.mark.parametrize("preset, rounds", [("cpu", 2), ("cpu-uniform", 2), ("cpu-recovery-only", 1)])
-def test_recover_presets_parse(preset, rounds):
+@pytest.mark.parametrize(
+    "preset, rounds, val_limit",
+    [("cpu", 2, 32), ("cpu-uniform", 2, 32), ("cpu-recovery-only", 1, 32), ("cpu-uniform-kd-self", 2, 32),
+     ("gpu-ce-gold", 4, 100), ("gpu-kd-self", 4, 100), ("gpu-recovery-only", 1, 100)],
+)
+def test_recover_presets_parse(preset, rounds, val_limit):
     """The benchmark's presets are valid overrides of the config they modify."""
     from benchmarks.recover import CONFIG, PRESETS
 
     result = train("--config", str(ROOT / CONFIG), *PRESETS[preset], "--print_config")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"rounds: {rounds}\n" in result.stdout and "val_limit: 32" in result.stdout
+    assert f"rounds: {rounds}\n" in result.stdout and f"val_limit: {val_limit}" in result.stdout
+    if "kd-self" in preset:
+        assert "recovery: kd" in result.stdout and "train_source: self" in result.stdout

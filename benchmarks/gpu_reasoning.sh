@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The reasoning issue's measurement set on one H200-class GPU, in one command (budget ~10 minutes):
+#   one-shot rku / kinetic / flap at 20-40 % uniform, calibrated on gold vs the dense model's own traces,
+#   100 GSM8K + 100 SVAMP questions with KL to dense; then prune-and-recover to 40 % with
+#   {ce on gold, kd on self traces} x {rku, flap} and the recovery-only control. Every row saves as it
+#   finishes and a rerun skips finished rows, so an interrupted run loses only the rows in flight.
+# Prepared on CPU; not yet run on a GPU (README, "Not measured yet").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export RKU_CACHE="${RKU_CACHE:-$PWD/benchmarks/work/cache}"
+ONESHOT="--models qwen0.5b --allocations uniform --sparsities 0.2 0.3 0.4 --methods dense rku kinetic flap
+         --gsm8k-limit 100 --svamp-limit 100 --batch-size 100 --calib-samples 64 --threads 2 --jobs 4 --device cuda"
+python -m benchmarks.run oneshot $ONESHOT --calib-source gold &
+python -m benchmarks.run oneshot $ONESHOT --calib-source self &
+wait
+for method in rku flap; do
+  python -m benchmarks.run recover --methods "$method" --preset gpu-ce-gold --threads 2 &
+  python -m benchmarks.run recover --methods "$method" --preset gpu-kd-self --threads 2 &
+done
+python -m benchmarks.run recover --methods rku --preset gpu-recovery-only --threads 2 &
+wait
+python -m benchmarks.run render
