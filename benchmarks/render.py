@@ -439,7 +439,12 @@ def llama_cpp_section(rows: list[dict]) -> list[str]:
 
 
 #: Validation metrics plotted per round, with their axis labels.
-RECOVER_PANELS = {"val/cot_nll": "CoT NLL (nats/token)", "val/gsm8k_acc": "GSM8K accuracy", "val/ood_acc": "OOD (SVAMP) accuracy"}
+RECOVER_PANELS = {
+    "val/gsm8k_acc": "GSM8K accuracy",
+    "val/ood_acc": "OOD (SVAMP) accuracy",
+    "val/kl_to_dense": "KL(dense || model) per token, dense answers",
+    "val/cot_nll": "CoT NLL of gold text (nats/token)",
+}
 
 
 def recover_section(rows: list[dict], plot_path: Path) -> list[str]:

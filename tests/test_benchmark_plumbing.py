@@ -116,7 +116,8 @@ def test_recover_row_runs_train_py_and_renders_every_round(bench_env, monkeypatc
     record = recover.run_row("magnitude", "tiny", threads=1)
     rounds = record["report"]["rounds"]
     assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["sparsity"] == pytest.approx(0.3, abs=0.03)
-    assert all(set(r["metrics"]) == {"val/cot_nll", "val/cot_nll_reasoning", "val/cot_nll_other"} for r in rounds)
+    expected = {"val/cot_nll", "val/cot_nll_reasoning", "val/cot_nll_other", "val/kl_to_dense", "val/kl_to_dense_gold"}
+    assert all(set(r["metrics"]) == expected for r in rounds)
     assert "--pruning.importance=magnitude" in record["train_command"] and record["overrides"][-1] == "--pruning.rounds=1"
     final = record["final"]  # the exported model, scored like the one-shot rows
     assert final["gsm8k"]["cot_nll"] > 0 and len(final["gsm8k_nll"]["cot_tokens"]) == len(final["gsm8k_indices"]) == 32
