@@ -119,11 +119,10 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = load_causal_lm(args.model, dtype=DTYPES[args.dtype])
     model.to(args.device)
     pruner = StructuredPruner.from_settings(model, settings)
-    if args.sparsity > (reachable := pruner.max_sparsity()):
-        raise UsageError(
-            f"--sparsity {args.sparsity} is unreachable for this model: --min-mlp-keep {args.min_mlp_keep} and one "
-            f"attention group per layer cap it at {reachable:.4f}; lower --sparsity or --min-mlp-keep"
-        )
+    try:  # known right after loading, per pool of the chosen allocation (every layer, for uniform)
+        pruner.check_reachable(args.sparsity, "--sparsity")
+    except ValueError as error:
+        raise UsageError(str(error).replace("min_mlp_keep", "--min-mlp-keep")) from None
     calibration = traces = None
     if problems is not None:
         if args.calibration_source == "self":
