@@ -107,9 +107,11 @@ def _nll_gap(row: dict, reference: dict) -> str:
     return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
-def _measured_on(row: dict) -> tuple[int, int]:
-    """What must match for two rows to share a table: GSM8K question count and calibration size."""
-    return row["settings"]["gsm8k_limit"], row["settings"]["calib_samples"]
+def _measured_on(row: dict) -> tuple[int, int, str]:
+    """What must match for two rows to share a table: GSM8K question count, calibration size and source
+    (rows from before calibration sources existed calibrated on gold solutions)."""
+    settings = row["settings"]
+    return settings["gsm8k_limit"], settings["calib_samples"], settings.get("calib_source", "gold")
 
 
 def _main_calibration(rows: list[dict], model: str) -> list[dict]:
@@ -130,11 +132,13 @@ def oneshot_tables(rows: list[dict]) -> list[str]:
             dense_of[(row["row"]["model"], _measured_on(row)[0])] = row
         else:
             groups[(row["row"]["model"], *_measured_on(row))].append(row)
-    for (model, limit, calibration), pruned in sorted(groups.items()):
+    for (model, limit, calibration, source), pruned in sorted(groups.items()):
         dense = dense_of.get((model, limit))
         settings = pruned[0]["settings"]
+        traces = "" if source == "gold" else f" (their {source}-generated traces)"
         out += [
-            f"### {model}: one-shot pruning, no recovery, first {limit} GSM8K test questions, {calibration} calibration problems",
+            f"### {model}: one-shot pruning, no recovery, first {limit} GSM8K test questions, "
+            f"{calibration} calibration problems{traces}",
             "",
             f"GSM8K: first {limit} test questions, greedy, max {settings['max_new_tokens']} new tokens; "
             f"SVAMP: first {settings['svamp_limit']}; calibration: {settings['calib_samples']} GSM8K-train problems "
@@ -180,8 +184,8 @@ def calibration_section(rows: list[dict]) -> list[str]:
     smallest: whether a finding is about the method or about too little calibration data."""
     sizes_of: dict[tuple[str, int], dict[int, dict]] = defaultdict(dict)
     for row in rows:
-        limit, size = _measured_on(row)
-        if "gsm8k_nll" in row:
+        limit, size, source = _measured_on(row)
+        if "gsm8k_nll" in row and source == "gold":  # the size comparison is about the same (gold) calibration text
             sizes_of[(row["row_id"], limit)][size] = row
     repeated = {key: by_size for key, by_size in sizes_of.items() if len(by_size) > 1}
     if not repeated:
@@ -335,7 +339,7 @@ def merge_nll_twins(group: list[dict]) -> dict:
 
 def oneshot_rows() -> list[dict]:
     """One row per (row id, question count, calibration size), merged over the oneshot* folders."""
-    groups: dict[tuple[str, int, int], list[dict]] = defaultdict(list)
+    groups: dict[tuple[str, int, int, str], list[dict]] = defaultdict(list)
     for folder in sorted(p for p in RESULTS.glob("oneshot*") if p.is_dir()):
         for row in load_rows(folder.name):
             groups[(row["row_id"], *_measured_on(row))].append(row)
