@@ -135,6 +135,7 @@ class RKUPruning(Callback):
         self._steps = self.recovery_steps
         self._calibration = self.calibration_batches
         self._dry_run = False
+        self._trainable: set[str] | None = None
 
         self.pruner: StructuredPruner | None = None
         self._start_sparsity = 0.0
@@ -208,6 +209,8 @@ class RKUPruning(Callback):
         if self.compact_at_end and not self._dry_run and trainer.is_global_zero:
             check_export_target(self.export_dir, overwrite=True)  # an unusable folder fails now, not after training
         if self.lora is not None and not has_lora(model):
+            # Injection freezes the base weights; the end of the run unfreezes what was trainable before.
+            self._trainable = {name for name, p in model.named_parameters() if p.requires_grad}
             inject_lora(model, self.lora)
         self._take_over_loop(trainer)
         self.pruner.gates.attach()  # adapters injected since creation are gated as a whole
@@ -383,6 +386,9 @@ class RKUPruning(Callback):
             )
         if has_lora(model):
             remove_lora_(model)
+        if self._trainable is not None:
+            for name, parameter in model.named_parameters():
+                parameter.requires_grad_(name in self._trainable)
         if not self.compact_at_end or self.round == 0 or self.pruner is None:
             if self.round == 0 and self.pruner is not None:  # nothing pruned: no hooks left on the model
                 self.pruner.gates.detach()
