@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
@@ -64,8 +67,6 @@ trainer:
   num_sanity_val_steps: 0
   log_every_n_steps: 1
   enable_model_summary: false
-  callbacks:
-    - class_path: rku_lightning.callbacks.RKUProgressBar
 """
     path = tmp_path / "tiny.yaml"
     path.write_text(config)
@@ -119,16 +120,17 @@ def test_train_py_end_to_end(tmp_path, accelerator, importance):
     table = (out / "report.md").read_text()
     assert table.count("\n| ") == 4 and "GSM8K acc" in table and "OOD acc" in table  # header + 3 rounds
     metrics_csv = next((out / "csv").glob("version_*/metrics.csv")).read_text()
-    assert "val/gsm8k_acc" in metrics_csv and "prune/sparsity" in metrics_csv and "sparsity" in metrics_csv
+    assert "val/gsm8k_acc" in metrics_csv and "prune/sparsity" in metrics_csv and "prune/round" in metrics_csv
+    assert not {"sparsity", "round"} & set(metrics_csv.splitlines()[0].split(","))
     assert list((out / "tensorboard").glob("version_*/events.out.tfevents.*"))
-    # The resumable checkpoint is the last round's end: dense weights plus the callback's state.
+    # The checkpoint is the last round's end: the compacted model, its plan and the callback's state.
     checkpoint = torch.load(out / "checkpoints" / "round-end.ckpt", weights_only=False)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["round-end.ckpt"]
     state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("RKUPruning"))
     assert state["round"] == 2 and state["phase"] == "done" and len(state["records"]) == 3
-    assert sum(v.numel() for k, v in checkpoint["state_dict"].items() if "lora_" not in k) > rounds[0]["params"] - 100
-    # The frozen teacher (kl_to_dense) never enters a checkpoint: one model's worth of weights, no more.
-    assert sum(v.numel() for k, v in checkpoint["state_dict"].items() if "lora_" not in k) < rounds[0]["params"] + 100
+    # The frozen teacher (kl_to_dense) never enters a checkpoint: one (pruned) model's worth of weights, no more.
+    assert sum(v.numel() for v in checkpoint["state_dict"].values()) == rounds[-1]["params"]
+    assert checkpoint["rku_pruning_plans"]["model"]["layers"] == json.loads((out / "model" / "pruning.json").read_text())["layers"]
     model_dir = out / "model"
     assert (model_dir / "pruning.json").is_file() and (model_dir / "model.safetensors").is_file()
     from rku_lightning import load_pruned
@@ -219,3 +221,53 @@ def test_recover_presets_parse(preset, rounds):
     result = train("--config", str(ROOT / CONFIG), *PRESETS[preset], "--print_config")
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"rounds: {rounds}\n" in result.stdout and "val_limit: 32" in result.stdout
+
+
+def _train_script(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # LightningCLI warns when pytest's own flags are there too
+    import train as train_script
+
+    return train_script
+
+
+@pytest.mark.parametrize("option", ["--optimizer=SGD", "--optimizer.lr=0.01", "--lr_scheduler=StepLR"])
+def test_optimizer_options_say_where_the_optimizer_comes_from(tmp_path, monkeypatch, option):
+    train_script = _train_script(monkeypatch)
+    with pytest.raises(SystemExit, match="is not available: .*--model.lr"):
+        train_script.main(["--config", str(write_config(tmp_path)), option])
+
+
+def test_abbreviated_options_are_errors(tmp_path, monkeypatch, capsys):
+    train_script = _train_script(monkeypatch)
+    with pytest.raises(SystemExit):
+        train_script.make_cli(["--config", str(write_config(tmp_path)), "--pruning.recovery_step=5"])
+    assert "recovery_step" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bar", [True, False])
+def test_the_progress_bar_follows_enable_progress_bar(tmp_path, monkeypatch, bar):
+    from rku_lightning.callbacks import RKUProgressBar
+
+    train_script = _train_script(monkeypatch)
+    cli = train_script.make_cli(["--config", str(write_config(tmp_path)), f"--trainer.enable_progress_bar={str(bar).lower()}"])
+    assert isinstance(cli.trainer.progress_bar_callback, RKUProgressBar) is bar
+
+
+class SigtermInRoundTwo(L.Callback):
+    """Sends this process SIGTERM in round 2 (what a cluster's time limit does)."""
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_exits_non_zero_naming_the_checkpoint_to_resume_from(tmp_path, monkeypatch, capsys):
+    train_script = _train_script(monkeypatch)
+    with pytest.raises(SystemExit) as stopped:
+        train_script.main(["--config", str(write_config(tmp_path)), "--evaluate_dense=false", "--model.generate=false",
+                           '--trainer.callbacks=[{"class_path": "test_train_cli.SigtermInRoundTwo"}]'])
+    assert stopped.value.code == train_script.SIGTERM_EXIT
+    checkpoint = tmp_path / "outputs" / "tiny" / "checkpoints" / "round-end.ckpt"
+    assert f"resume with --ckpt_path {checkpoint}" in capsys.readouterr().err and checkpoint.is_file()
+    assert not (tmp_path / "outputs" / "tiny" / "model").exists()
