@@ -271,3 +271,21 @@ def test_sigterm_exits_non_zero_naming_the_checkpoint_to_resume_from(tmp_path, m
     checkpoint = tmp_path / "outputs" / "tiny" / "checkpoints" / "round-end.ckpt"
     assert f"resume with --ckpt_path {checkpoint}" in capsys.readouterr().err and checkpoint.is_file()
     assert not (tmp_path / "outputs" / "tiny" / "model").exists()
+
+
+def test_the_standard_module_loads_a_pruned_checkpoint(tmp_path):
+    """`CausalLMPruningModule.load_from_checkpoint` rebuilds the pruned shapes the final checkpoint holds."""
+    from rku_lightning import StructuredPruner, compact
+    from rku_lightning.training.lightning_module import CausalLMPruningModule
+
+    write_config(tmp_path)
+    module = CausalLMPruningModule(pretrained=str(tmp_path / "tiny"), generate=False)
+    StructuredPruner(module.model, importance="magnitude", progress=False).prune(0.3)
+    plan = compact(module.model)
+    path = tmp_path / "pruned.ckpt"
+    torch.save({"state_dict": module.state_dict(), "rku_pruning_plans": {"model": plan}, "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": L.__version__}, path)
+    loaded = CausalLMPruningModule.load_from_checkpoint(path)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, torch.ones_like(ids)), module(ids, torch.ones_like(ids)))

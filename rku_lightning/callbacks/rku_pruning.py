@@ -232,7 +232,7 @@ class RKUPruning(Callback):
         if self._dry_run:
             rank_zero_info(
                 f"RKUPruning: fast_dev_run / limit_train_batches: {self.rounds} rounds of 1 recovery step, calibration "
-                f"on {self._calibration} batch(es), no export (a check of the pipeline, not a pruned model)"
+                f"on {self._calibration} batch(es), no export or reports (a check of the pipeline, not a pruned model)"
             )
         elif (trainer.max_steps not in (-1, max_steps) or trainer.val_check_interval not in (None, 1.0, interval)
               or trainer.max_epochs not in (None, -1, 1000)):  # 1000: Lightning's default when neither is set
@@ -314,7 +314,7 @@ class RKUPruning(Callback):
 
     def _write_generations(self, trainer: Trainer, rows: list[dict]) -> None:
         """Every validation answer of this round, so that an accuracy can be read, not only trusted."""
-        if self.report_dir is None:
+        if self.report_dir is None or self._dry_run:
             return
         if trainer.world_size > 1:  # each rank generated for its own shard of the questions
             shards: list[list[dict] | None] = [None] * trainer.world_size
@@ -478,7 +478,7 @@ class RKUPruning(Callback):
             logger.log_metrics(values, step=trainer.global_step)
 
     def _write_reports(self, trainer: Trainer) -> None:
-        if self.report_dir is None or not trainer.is_global_zero:
+        if self.report_dir is None or self._dry_run or not trainer.is_global_zero:
             return
         from rku_lightning.training.reporting import write_reports
 
