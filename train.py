@@ -75,6 +75,21 @@ class RKUCLI(LightningCLI):
         trainer.callbacks = callbacks
 
 
+def dense_table(results: list[dict[str, float]], ood_task: str) -> str:
+    """The dense model's validation, one column per set, each with only its own metrics.
+
+    Lightning's table shows every epoch-level metric under every dataloader, so the OOD column would
+    repeat the GSM8K accuracy and NLLs; here the OOD set shows `val/ood_*` only.
+    """
+    merged = {k.split("/dataloader_idx_")[0]: float(v) for result in results for k, v in result.items()}
+    columns = {"gsm8k": {k: v for k, v in merged.items() if not k.startswith("val/ood_")},
+               ood_task: {k: v for k, v in merged.items() if k.startswith("val/ood_")}}
+    lines = ["dense model (round 0):"]
+    for task, metrics in columns.items():
+        lines += [f"  {task}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))] if metrics else []
+    return "\n".join(lines)
+
+
 def make_cli(args: list[str] | None = None) -> RKUCLI:
     """Parse `args` (default: the command line) and build model, data and Trainer; nothing runs yet."""
     argv = sys.argv[1:] if args is None else args
@@ -100,7 +115,9 @@ def main(args: list[str] | None = None) -> RKUCLI:
     ckpt_path = cli.config.ckpt_path
     try:
         if cli.config.evaluate_dense and ckpt_path is None:
-            cli.trainer.validate(cli.model, datamodule=cli.datamodule)
+            results = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+            if cli.trainer.is_global_zero:
+                print(dense_table(results, cli.datamodule.hparams.get("ood_task") or "ood"))
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
         checkpoint = cli.trainer.checkpoint_callback

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import lightning as L
 import pytest
@@ -178,3 +179,11 @@ def test_replaced_max_epochs_is_said(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         make_trainer(tmp_path, [pruning(rounds=1, compact_at_end=False)], max_epochs=3).fit(TinyLM(), TokenData())
     assert "max_epochs=3" in caplog.text and "are replaced" in caplog.text
+
+
+def test_help_names_every_built_in_importance():
+    """`importance` stays `str` (register_importance adds names), so --help must list the built-in ones."""
+    from rku_lightning.pruning.importance import IMPORTANCES
+
+    listed = re.search(r"built in: ([^;]+);", " ".join(RKUPruning.__doc__.split())).group(1)
+    assert set(listed.split(", ")) == set(IMPORTANCES)

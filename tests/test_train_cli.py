@@ -289,3 +289,12 @@ def test_the_standard_module_loads_a_pruned_checkpoint(tmp_path):
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids, torch.ones_like(ids)), module(ids, torch.ones_like(ids)))
+
+
+def test_the_dense_table_shows_each_set_only_its_own_metrics(monkeypatch):
+    """Lightning lists every epoch-level metric under every dataloader; the SVAMP column must not repeat GSM8K's."""
+    train_script = _train_script(monkeypatch)
+    same = {"val/gsm8k_acc": 0.5, "val/cot_nll": 1.25, "val/kl_to_dense": 0.0, "val/ood_acc": 0.25}
+    gsm8k, svamp = train_script.dense_table([same, dict(same)], "svamp").splitlines()[1:]
+    assert gsm8k == "  gsm8k: val/cot_nll=1.2500, val/gsm8k_acc=0.5000, val/kl_to_dense=0.0000"
+    assert svamp == "  svamp: val/ood_acc=0.2500"

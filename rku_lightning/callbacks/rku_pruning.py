@@ -71,9 +71,11 @@ class RKUPruning(Callback):
         target_sparsity: fraction of decoder-layer parameters removed after the last round.
         rounds: number of prune-and-recover rounds.
         schedule: `cubic`, `linear` or `constant` (see `rku_lightning.pruning.schedules`).
-        importance, objective, allocation, attention, min_mlp_keep, micro_batch_size, checkpoint_layers: the
-            `PruningSettings` of the run's `StructuredPruner` (`self.settings`); `importance` is a
-            registered name or an `Importance` (in a config: `class_path` and `init_args`).
+        importance: a registered method name (built in: rku, kinetic, flap, wanda_sp, taylor, magnitude,
+            random; `register_importance` adds names, so the type stays `str`) or an `Importance` (in a
+            config: `class_path` and `init_args`).
+        objective, allocation, attention, min_mlp_keep, micro_batch_size, checkpoint_layers: with
+            `importance`, the `PruningSettings` of the run's `StructuredPruner` (`self.settings`).
         calibration_batches: batches per calibration pass, over all DDP ranks together (rank k takes
             batches k, k + W, ...), from the datamodule's or module's `calibration_dataloader()` if
             there is one, else from the train loader.
