@@ -57,7 +57,8 @@ def test_validate_test_predict_and_a_new_trainer_after_fit(tmp_path):
     trainer = make_trainer(tmp_path, [rku])
     module, data = FullLM(), EvalData()
     trainer.fit(module, data)
-    assert_plain(module.model) and rku.phase == "done"
+    assert_plain(module.model)
+    assert rku.phase == "done"
     assert params(module) == rku.records[-1]["params"]
     val = trainer.validate(module, data, verbose=False)[0]
     assert val["prune/sparsity"] == pytest.approx(rku.records[-1]["sparsity"])
@@ -102,7 +103,8 @@ def test_fast_dev_run_and_limits_shrink_the_run_and_skip_export(tmp_path, limit)
     assert trainer.global_step == 2 and rku.phase == "done"
     assert rku.pruner.stats.num_samples() == 2  # one calibration batch of 2 samples in the last round
     assert not (tmp_path / "model").exists() and not (tmp_path / "rku").exists()
-    assert_plain(module.model) and params(module) == rku.records[-1]["params"]
+    assert_plain(module.model)
+    assert params(module) == rku.records[-1]["params"]
 
 
 class StopAfterRound(L.Callback):
@@ -187,3 +189,24 @@ def test_help_names_every_built_in_importance():
 
     listed = re.search(r"built in: ([^;]+);", " ".join(RKUPruning.__doc__.split())).group(1)
     assert set(listed.split(", ")) == set(IMPORTANCES)
+
+
+class StopAtStep(L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        trainer.should_stop = trainer.global_step == self.step
+
+
+@pytest.mark.parametrize("step, phase, rounds", [(3, "stopped", [1, 2]), (5, "done", [1, 2, 3])])
+def test_should_stop_mid_recovery_closes_the_round(tmp_path, step, phase, rounds):
+    """Stopped in round 2's (or the last round's) recovery: that round is merged, recorded and compacted."""
+    rku = pruning(rounds=3, export_dir=str(tmp_path / "model"))
+    module = TinyLM()
+    make_trainer(tmp_path, [rku, StopAtStep(step)]).fit(module, TokenData())
+    assert rku.phase == phase and [r["round"] for r in rku.records] == rounds
+    assert_plain(module.model)
+    assert params(module) == rku.records[-1]["params"]
+    plan = json.loads((tmp_path / "model" / "pruning.json").read_text())
+    assert plan["reached_target"] is (phase == "done") and plan["rounds_completed"] == rounds[-1]

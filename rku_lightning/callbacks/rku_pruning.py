@@ -360,15 +360,12 @@ class RKUPruning(Callback):
             self._write_reports(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.phase == "evaluate":
-            self._finish_round(trainer, {})
-        if self.finished:
-            return
-        # trainer.should_stop (EarlyStopping, a user's callback) ended the run before the last round.
-        if self.phase == "recover":
+        if self.phase == "recover":  # trainer.should_stop in the middle of a round: close it as it is
             self._end_recovery(trainer, pl_module)
+        if self.phase == "evaluate":  # the round ended without a validation run
             self._finish_round(trainer, {})
-        self._finish_run(trainer, pl_module, "stopped")
+        if not self.finished:  # trainer.should_stop (EarlyStopping, a user's callback) before the last round
+            self._finish_run(trainer, pl_module, "stopped")
 
     def _finish_run(self, trainer: Trainer, pl_module: LightningModule, phase: str) -> None:
         """Leave a plain Hugging Face model in the module: adapters folded in, compacted, no hooks; export it.
