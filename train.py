@@ -69,7 +69,7 @@ class RKUCLI(LightningCLI):
             callbacks.append(_component("rku_lightning.callbacks.RKUProgressBar"))
         if trainer.enable_checkpointing is not False and not any("ModelCheckpoint" in str(c.class_path) for c in callbacks):
             # Round ends (validation ends) are the resumable points: keep the latest as round-end.ckpt.
-            # Not save_last: Lightning would write it again at train end, after compaction.
+            # After the last round it holds the compacted model and its plan (load_from_checkpoint, not resume).
             checkpoint = dict(dirpath=str(out / "checkpoints"), filename="round-end", save_top_k=1)
             callbacks.append(_component("lightning.pytorch.callbacks.ModelCheckpoint", **checkpoint))
         trainer.callbacks = callbacks

@@ -94,7 +94,8 @@ def test_the_final_checkpoint_loads_with_pruned_shapes(tmp_path):
     assert tester.test(FullLM(), data, ckpt_path=best.best_model_path, verbose=False)[0]["test/loss"] > 0
 
 
-@pytest.mark.parametrize("limit", [dict(fast_dev_run=True), dict(limit_train_batches=2, limit_val_batches=1)])
+@pytest.mark.parametrize("limit", [dict(fast_dev_run=True), dict(limit_train_batches=2, limit_val_batches=1),
+                                   dict(limit_train_batches=1)])
 def test_fast_dev_run_and_limits_shrink_the_run_and_skip_export(tmp_path, limit):
     rku = pruning(rounds=2, recovery_steps=5, calibration_batches=4, export_dir=str(tmp_path / "model"))
     trainer = make_trainer(tmp_path, [rku], **limit)

@@ -203,7 +203,8 @@ class RKUPruning(Callback):
                 "model that this (already pruned) model has removed; raise target_sparsity"
             )
         self.pruner.check_reachable(self.target_sparsity, "target_sparsity")
-        self._dry_run = bool(trainer.fast_dev_run) or trainer.limit_train_batches != 1.0
+        limit = trainer.limit_train_batches  # an int counts batches (1 is one batch), a float is a fraction
+        self._dry_run = bool(trainer.fast_dev_run) or isinstance(limit, int) or limit != 1.0
         self._steps = 1 if self._dry_run else self.recovery_steps
         self._calibration = trainer.world_size if self._dry_run else self.calibration_batches
         self.export_dir = self.export_dir or Path(trainer.log_dir or trainer.default_root_dir) / "rku" / "model"
@@ -305,6 +306,9 @@ class RKUPruning(Callback):
         self._eval_clock = time.perf_counter()
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.round == 0 and trainer.state.fn == "validate" and not self.finished:
+            # trainer.validate before fit: the dense model is round 0 of the report.
+            self._ensure_pruner(trainer, self.hf_model(pl_module))
         if trainer.sanity_checking or self.pruner is None or (self.finished and not self.records):
             return
         # Every rank holds the same masks, so no sync is needed. `prune/round` (mode max) is what a
@@ -334,10 +338,8 @@ class RKUPruning(Callback):
         }
         if self.phase == "evaluate":
             self._finish_round(trainer, metrics)
-        elif self.round == 0 and trainer.state.fn == "validate":
+        elif self.round == 0 and trainer.state.fn == "validate" and self.pruner is not None:
             # trainer.validate before fit: the dense model's row of the report.
-            self._ensure_pruner(trainer, self.hf_model(pl_module))
-            assert self.pruner is not None
             baseline = {
                 **self._structure_record(0, self.pruner.report(target_sparsity=0.0)),
                 "time_evaluate_s": time.perf_counter() - self._eval_clock,
