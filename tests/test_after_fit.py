@@ -144,11 +144,13 @@ def test_resume_with_other_settings_is_refused_naming_the_field(tmp_path, change
         resumed.fit(TinyLM(), TokenData(), ckpt_path=tmp_path / "ckpt" / "step=2.ckpt")
 
 
-def test_resume_mid_round_warns(tmp_path):
-    round_one_checkpoint(tmp_path, every_n_train_steps=1)
+@pytest.mark.parametrize("every, step, phase", [(1, 1, "recover"), (2, 2, "evaluate")])
+def test_resume_mid_round_warns(tmp_path, every, step, phase):
+    """Mid-recovery, or at a round's last step before its validation: accepted, with what it costs."""
+    round_one_checkpoint(tmp_path, every_n_train_steps=every)
     resumed = make_trainer(tmp_path / "again", [pruning(rounds=3, compact_at_end=False)])
-    with pytest.warns(UserWarning, match="phase recover, not at a round end"):
-        resumed.fit(TinyLM(), TokenData(), ckpt_path=tmp_path / "ckpt" / "step=1.ckpt")
+    with pytest.warns(UserWarning, match=f"phase {phase}, not at a round end"):
+        resumed.fit(TinyLM(), TokenData(), ckpt_path=tmp_path / "ckpt" / f"step={step}.ckpt")
 
 
 class NetLM(NoModel):
