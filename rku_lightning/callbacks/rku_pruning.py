@@ -185,9 +185,11 @@ class RKUPruning(Callback):
                     "pruned model, or pass a new RKUPruning to prune further (it starts from the current sparsity)."
                 )
             return  # validate/test/predict use the module as it is: masks stay, nothing is re-attached
-        if stage != "fit":
-            if self.pruner is not None:  # validate before fit made the pruner; only a dense model has gates here
-                self.pruner.gates.attach()
+        if stage == "validate":
+            # Before fit: the dense model becomes round 0 of the report, and a target it cannot reach fails now.
+            self._ensure_pruner(trainer, model)
+            self._check_target()
+        if stage != "fit":  # test/predict before fit: nothing to measure, nothing attached
             return
         if trainer.world_size > self.calibration_batches:
             raise ValueError(
@@ -195,14 +197,7 @@ class RKUPruning(Callback):
                 "without a calibration batch; use at least one per rank"
             )
         self._ensure_pruner(trainer, model)
-        assert self.pruner is not None
-        # A pruned export starts part-way: the schedule runs from its sparsity (against the dense model) to the target.
-        if self.round == 0 and self.target_sparsity <= self._start_sparsity:
-            raise ValueError(
-                f"target_sparsity={self.target_sparsity} is not above the {self._start_sparsity:.4f} of the dense "
-                "model that this (already pruned) model has removed; raise target_sparsity"
-            )
-        self.pruner.check_reachable(self.target_sparsity, "target_sparsity")
+        self._check_target()
         limit = trainer.limit_train_batches  # an int counts batches (1 is one batch), a float is a fraction
         self._dry_run = bool(trainer.fast_dev_run) or isinstance(limit, int) or limit != 1.0
         self._steps = 1 if self._dry_run else self.recovery_steps
@@ -219,6 +214,16 @@ class RKUPruning(Callback):
         self.pruner.gates.attach()  # adapters injected since creation are gated as a whole
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
+
+    def _check_target(self) -> None:
+        assert self.pruner is not None
+        # A pruned export starts part-way: the schedule runs from its sparsity (against the dense model) to the target.
+        if self.round == 0 and self.target_sparsity <= self._start_sparsity:
+            raise ValueError(
+                f"target_sparsity={self.target_sparsity} is not above the {self._start_sparsity:.4f} of the dense "
+                "model that this (already pruned) model has removed; raise target_sparsity"
+            )
+        self.pruner.check_reachable(self.target_sparsity, "target_sparsity")
 
     def _ensure_pruner(self, trainer: Trainer, model: torch.nn.Module) -> None:
         if self.pruner is None:
@@ -306,9 +311,6 @@ class RKUPruning(Callback):
         self._eval_clock = time.perf_counter()
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.round == 0 and trainer.state.fn == "validate" and not self.finished:
-            # trainer.validate before fit: the dense model is round 0 of the report.
-            self._ensure_pruner(trainer, self.hf_model(pl_module))
         if trainer.sanity_checking or self.pruner is None or (self.finished and not self.records):
             return
         # Every rank holds the same masks, so no sync is needed. `prune/round` (mode max) is what a
