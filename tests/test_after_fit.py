@@ -16,8 +16,7 @@ from test_callback import NoModel, TinyLM, TokenData, make_trainer, pruning
 from torch.utils.data import DataLoader
 
 from rku_lightning import load_pruned
-from rku_lightning.callbacks import RKUPruning
-from rku_lightning.callbacks.rku_pruning import restore_pruned_shapes
+from rku_lightning.callbacks import RKUPruning, restore_pruned_shapes
 from rku_lightning.training.lora import has_lora
 
 
