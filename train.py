@@ -5,6 +5,11 @@ cores). Every argument can be overridden on the command line; `--print_config` s
 Outputs go to `<output_root>/<run_name>/`: Lightning logs (csv/, tensorboard/), checkpoints/
 (`round-end.ckpt`, the latest round; resume with `--ckpt_path`), report.json, report.md, sparsity_curve.png,
 layer_profile.png and the compacted model (model/).
+
+The optimizer is `CausalLMPruningModule`'s (AdamW over the LoRA adapters that exist only after
+`RKUPruning.setup`; `--model.lr`, `--model.weight_decay`), so LightningCLI's `--optimizer` and
+`--lr_scheduler` are not offered. A SIGTERM (a cluster's time limit) ends the job with exit status
+143 and says which checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from rku_lightning.callbacks import RKUPruning
 from rku_lightning.training.datamodule import ReasoningDataModule
@@ -21,6 +27,15 @@ from rku_lightning.training.lightning_module import CausalLMPruningModule
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"
+#: LightningCLI options this script does not offer, and why.
+NOT_OFFERED = {
+    "--optimizer": "the optimizer is CausalLMPruningModule's AdamW over the LoRA adapters RKUPruning injects at "
+                   "setup (after LightningCLI would build one); set --model.lr and --model.weight_decay",
+    "--lr_scheduler": "the learning rate is constant within each round's recovery (--model.lr); "
+                      "no scheduler is offered",
+}
+#: Exit status of a job ended by SIGTERM (128 + 15, what a shell reports), so a scheduler sees a failure.
+SIGTERM_EXIT = 143
 
 
 def _component(class_path: str, **init_args) -> Namespace:
@@ -50,29 +65,66 @@ class RKUCLI(LightningCLI):
                 _component("lightning.pytorch.loggers.TensorBoardLogger", save_dir=str(out), name="tensorboard"),
             ]
         callbacks = list(trainer.callbacks or [])
+        if trainer.enable_progress_bar is not False and not any("ProgressBar" in str(c.class_path) for c in callbacks):
+            callbacks.append(_component("rku_lightning.callbacks.RKUProgressBar"))
         if trainer.enable_checkpointing is not False and not any("ModelCheckpoint" in str(c.class_path) for c in callbacks):
             # Round ends (validation ends) are the resumable points: keep the latest as round-end.ckpt.
-            # Not save_last: Lightning would write it again at train end, after compaction.
+            # After the last round it holds the compacted model and its plan (load_from_checkpoint, not resume).
             checkpoint = dict(dirpath=str(out / "checkpoints"), filename="round-end", save_top_k=1)
             callbacks.append(_component("lightning.pytorch.callbacks.ModelCheckpoint", **checkpoint))
         trainer.callbacks = callbacks
 
 
-def main(args: list[str] | None = None) -> RKUCLI:
+def dense_table(results: list[dict[str, float]], ood_task: str) -> str:
+    """The dense model's validation, one column per set, each with only its own metrics.
+
+    Lightning's table shows every epoch-level metric under every dataloader, so the OOD column would
+    repeat the GSM8K accuracy and NLLs; here the OOD set shows `val/ood_*` only.
+    """
+    merged = {k.split("/dataloader_idx_")[0]: float(v) for result in results for k, v in result.items()}
+    columns = {"gsm8k": {k: v for k, v in merged.items() if not k.startswith("val/ood_")},
+               ood_task: {k: v for k, v in merged.items() if k.startswith("val/ood_")}}
+    lines = ["dense model (round 0):"]
+    for task, metrics in columns.items():
+        lines += [f"  {task}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))] if metrics else []
+    return "\n".join(lines)
+
+
+def make_cli(args: list[str] | None = None) -> RKUCLI:
+    """Parse `args` (default: the command line) and build model, data and Trainer; nothing runs yet."""
     argv = sys.argv[1:] if args is None else args
+    for arg in argv:
+        option = arg.split("=", 1)[0].split(".", 1)[0]
+        if option in NOT_OFFERED:
+            raise SystemExit(f"train.py: {option} is not available: {NOT_OFFERED[option]}")
     has_config = any(a in ("-c", "--config") or a.startswith("--config=") for a in argv)
-    cli = RKUCLI(
+    return RKUCLI(
         CausalLMPruningModule,
         ReasoningDataModule,
         run=False,
         args=args,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={} if has_config else {"default_config_files": [str(DEFAULT_CONFIG)]},
+        auto_configure_optimizers=False,
+        # No abbreviations: `--pruning.recovery_step` must be an error, as the same typo in a YAML file is.
+        parser_kwargs={"allow_abbrev": False, **({} if has_config else {"default_config_files": [str(DEFAULT_CONFIG)]})},
     )
+
+
+def main(args: list[str] | None = None) -> RKUCLI:
+    cli = make_cli(args)
     ckpt_path = cli.config.ckpt_path
-    if cli.config.evaluate_dense and ckpt_path is None:
-        cli.trainer.validate(cli.model, datamodule=cli.datamodule)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    try:
+        if cli.config.evaluate_dense and ckpt_path is None:
+            results = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+            if cli.trainer.is_global_zero:
+                print(dense_table(results, cli.datamodule.hparams.get("ood_task") or "ood"))
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        checkpoint = cli.trainer.checkpoint_callback
+        latest = getattr(checkpoint, "last_model_path", "") or getattr(checkpoint, "best_model_path", "")
+        where = f"resume with --ckpt_path {latest}" if latest else "no checkpoint was written yet: rerun from the start"
+        print(f"train.py: stopped by SIGTERM at step {cli.trainer.global_step}; nothing was exported; {where}", file=sys.stderr)
+        raise SystemExit(SIGTERM_EXIT) from None
     return cli
 
 

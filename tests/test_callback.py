@@ -132,8 +132,10 @@ def test_rounds_follow_the_schedule_and_phases(tmp_path):
     history = rku.pruner.history
     for before, after in zip(history, history[1:]):
         assert all(b.mlp_channels >= a.mlp_channels for b, a in zip(before.layers, after.layers))
-    assert has_lora(trainer.lightning_module.model)
-    assert trainer.callback_metrics["sparsity"] == pytest.approx(rku.records[-1]["sparsity"])
+    # compact_at_end=False: the adapters are folded in at the end, the masks stay on the dense model.
+    assert not has_lora(trainer.lightning_module.model) and trainer.lightning_module.model.rku_gates is rku.pruner.gates
+    assert trainer.callback_metrics["prune/sparsity"] == pytest.approx(rku.records[-1]["sparsity"])
+    assert trainer.callback_metrics["prune/round"] == 3 and "sparsity" not in trainer.callback_metrics
 
 
 def test_compacts_and_exports_at_the_end(tmp_path):

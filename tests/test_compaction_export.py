@@ -185,3 +185,27 @@ def test_exports_and_reports_are_readable_by_others_like_plain_files(tmp_path):
     assert out.stat().st_mode & 0o777 == 0o755
     assert {p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()} == {0o644}
     assert (tmp_path / "report" / "report.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_conform_to_plan_gives_a_dense_or_an_exported_model_the_pruned_shapes(family, tmp_path):
+    """What loading a pruned run's checkpoint needs: the module's model sliced to the plan, from dense or from an export."""
+    from rku_lightning.pruning.compaction import conform_to_plan
+
+    model, _ = pruned(family, sparsity=0.2)
+    compact(model)
+    save_pruned(model, None, tmp_path / "a")
+    further, _ = load_pruned(tmp_path / "a")
+    StructuredPruner(further, importance="magnitude", progress=False).prune(0.4)
+    plan = compact(further)
+    batch = tiny_batches(1)[0]
+    with torch.no_grad():
+        expected = further(**batch).logits
+    for start in (tiny_model(family), load_pruned(tmp_path / "a")[0]):
+        conform_to_plan(start, plan)
+        start.load_state_dict(further.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(start(**batch).logits, expected, atol=1e-6, rtol=1e-6)
+        conform_to_plan(start, plan)  # already there: unchanged
+        assert sum(p.numel() for p in start.parameters()) == sum(p.numel() for p in further.parameters())
+    with pytest.raises(ValueError, match="pruned further than the checkpoint's plan"):
+        conform_to_plan(further, json.loads((tmp_path / "a" / "pruning.json").read_text()))

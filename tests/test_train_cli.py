@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
@@ -64,8 +67,6 @@ trainer:
   num_sanity_val_steps: 0
   log_every_n_steps: 1
   enable_model_summary: false
-  callbacks:
-    - class_path: rku_lightning.callbacks.RKUProgressBar
 """
     path = tmp_path / "tiny.yaml"
     path.write_text(config)
@@ -119,16 +120,17 @@ def test_train_py_end_to_end(tmp_path, accelerator, importance):
     table = (out / "report.md").read_text()
     assert table.count("\n| ") == 4 and "GSM8K acc" in table and "OOD acc" in table  # header + 3 rounds
     metrics_csv = next((out / "csv").glob("version_*/metrics.csv")).read_text()
-    assert "val/gsm8k_acc" in metrics_csv and "prune/sparsity" in metrics_csv and "sparsity" in metrics_csv
+    assert "val/gsm8k_acc" in metrics_csv and "prune/sparsity" in metrics_csv and "prune/round" in metrics_csv
+    assert not {"sparsity", "round"} & set(metrics_csv.splitlines()[0].split(","))
     assert list((out / "tensorboard").glob("version_*/events.out.tfevents.*"))
-    # The resumable checkpoint is the last round's end: dense weights plus the callback's state.
+    # The checkpoint is the last round's end: the compacted model, its plan and the callback's state.
     checkpoint = torch.load(out / "checkpoints" / "round-end.ckpt", weights_only=False)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["round-end.ckpt"]
     state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("RKUPruning"))
     assert state["round"] == 2 and state["phase"] == "done" and len(state["records"]) == 3
-    assert sum(v.numel() for k, v in checkpoint["state_dict"].items() if "lora_" not in k) > rounds[0]["params"] - 100
-    # The frozen teacher (kl_to_dense) never enters a checkpoint: one model's worth of weights, no more.
-    assert sum(v.numel() for k, v in checkpoint["state_dict"].items() if "lora_" not in k) < rounds[0]["params"] + 100
+    # The frozen teacher (kl_to_dense) never enters a checkpoint: one (pruned) model's worth of weights, no more.
+    assert sum(v.numel() for v in checkpoint["state_dict"].values()) == rounds[-1]["params"]
+    assert checkpoint["rku_pruning_plans"]["model"]["layers"] == json.loads((out / "model" / "pruning.json").read_text())["layers"]
     model_dir = out / "model"
     assert (model_dir / "pruning.json").is_file() and (model_dir / "model.safetensors").is_file()
     from rku_lightning import load_pruned
@@ -225,3 +227,80 @@ def test_recover_presets_parse(preset, rounds, val_limit):
     assert f"rounds: {rounds}\n" in result.stdout and f"val_limit: {val_limit}" in result.stdout
     if "kd-self" in preset:
         assert "recovery: kd" in result.stdout and "train_source: self" in result.stdout
+
+
+def _train_script(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # LightningCLI warns when pytest's own flags are there too
+    import train as train_script
+
+    return train_script
+
+
+@pytest.mark.parametrize("option", ["--optimizer=SGD", "--optimizer.lr=0.01", "--lr_scheduler=StepLR"])
+def test_optimizer_options_say_where_the_optimizer_comes_from(tmp_path, monkeypatch, option):
+    train_script = _train_script(monkeypatch)
+    with pytest.raises(SystemExit, match="is not available: .*--model.lr"):
+        train_script.main(["--config", str(write_config(tmp_path)), option])
+
+
+def test_abbreviated_options_are_errors(tmp_path, monkeypatch, capsys):
+    train_script = _train_script(monkeypatch)
+    with pytest.raises(SystemExit):
+        train_script.make_cli(["--config", str(write_config(tmp_path)), "--pruning.recovery_step=5"])
+    assert "recovery_step" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bar", [True, False])
+def test_the_progress_bar_follows_enable_progress_bar(tmp_path, monkeypatch, bar):
+    from rku_lightning.callbacks import RKUProgressBar
+
+    train_script = _train_script(monkeypatch)
+    cli = train_script.make_cli(["--config", str(write_config(tmp_path)), f"--trainer.enable_progress_bar={str(bar).lower()}"])
+    assert isinstance(cli.trainer.progress_bar_callback, RKUProgressBar) is bar
+
+
+class SigtermInRoundTwo(L.Callback):
+    """Sends this process SIGTERM in round 2 (what a cluster's time limit does)."""
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_exits_non_zero_naming_the_checkpoint_to_resume_from(tmp_path, monkeypatch, capsys):
+    train_script = _train_script(monkeypatch)
+    with pytest.raises(SystemExit) as stopped:
+        train_script.main(["--config", str(write_config(tmp_path)), "--evaluate_dense=false", "--model.generate=false",
+                           '--trainer.callbacks=[{"class_path": "test_train_cli.SigtermInRoundTwo"}]'])
+    assert stopped.value.code == train_script.SIGTERM_EXIT
+    checkpoint = tmp_path / "outputs" / "tiny" / "checkpoints" / "round-end.ckpt"
+    assert f"resume with --ckpt_path {checkpoint}" in capsys.readouterr().err and checkpoint.is_file()
+    assert not (tmp_path / "outputs" / "tiny" / "model").exists()
+
+
+def test_the_standard_module_loads_a_pruned_checkpoint(tmp_path):
+    """`CausalLMPruningModule.load_from_checkpoint` rebuilds the pruned shapes the final checkpoint holds."""
+    from rku_lightning import StructuredPruner, compact
+    from rku_lightning.training.lightning_module import CausalLMPruningModule
+
+    write_config(tmp_path)
+    module = CausalLMPruningModule(pretrained=str(tmp_path / "tiny"), generate=False)
+    StructuredPruner(module.model, importance="magnitude", progress=False).prune(0.3)
+    plan = compact(module.model)
+    path = tmp_path / "pruned.ckpt"
+    torch.save({"state_dict": module.state_dict(), "rku_pruning_plans": {"model": plan}, "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": L.__version__}, path)
+    loaded = CausalLMPruningModule.load_from_checkpoint(path)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, torch.ones_like(ids)), module(ids, torch.ones_like(ids)))
+
+
+def test_the_dense_table_shows_each_set_only_its_own_metrics(monkeypatch):
+    """Lightning lists every epoch-level metric under every dataloader; the SVAMP column must not repeat GSM8K's."""
+    train_script = _train_script(monkeypatch)
+    same = {"val/gsm8k_acc": 0.5, "val/cot_nll": 1.25, "val/kl_to_dense": 0.0, "val/ood_acc": 0.25}
+    gsm8k, svamp = train_script.dense_table([same, dict(same)], "svamp").splitlines()[1:]
+    assert gsm8k == "  gsm8k: val/cot_nll=1.2500, val/gsm8k_acc=0.5000, val/kl_to_dense=0.0000"
+    assert svamp == "  svamp: val/ood_acc=0.2500"

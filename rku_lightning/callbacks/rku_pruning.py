@@ -9,8 +9,11 @@ state -> the validation loop evaluates the round. The callback owns the run's le
 (`max_steps = rounds * recovery_steps`) and validation cadence (every `recovery_steps` steps).
 
 The phase machine is driven by `global_step`, and its state (round, phase, masks, statistics,
-per-round records) is checkpointed, so a run resumed from a round-end checkpoint ends with the same
-masks and metrics as an uninterrupted one. Contract for the LightningModule: see docs/lightning.md.
+per-round records, the settings that made them) is checkpointed, so a run resumed from a round-end
+checkpoint with the same settings and a resumable train loader ends with the same masks and metrics
+as an uninterrupted one. The last round compacts the model before its checkpoint is written, and the
+checkpoint carries the plan (`restore_pruned_shapes` rebuilds the shapes on load). After `fit` the
+module holds a plain compacted Hugging Face model. Contract for the LightningModule: docs/lightning.md.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from rku_lightning.checks import positive_int
 from rku_lightning.files import write_text_atomic
 from rku_lightning.memory import memory_snapshot, reset_peak_memory
-from rku_lightning.pruning.compaction import compact
+from rku_lightning.pruning.compaction import compact, conform_to_plan
 from rku_lightning.pruning.export import check_export_target, save_pruned
 from rku_lightning.pruning.families import get_family, unwrap_model
 from rku_lightning.pruning.importance import Importance
@@ -49,11 +52,16 @@ from rku_lightning.training.lora import (
     reset_optimizer_state_,
 )
 
-PHASES = ("calibrate", "recover", "evaluate", "done")
+PHASES = ("calibrate", "recover", "evaluate", "done", "stopped")
 #: LoRASettings' defaults as the mapping a config gives (target_modules: the family's projections).
 DEFAULT_LORA: dict[str, Any] = {k: v for k, v in vars(LoRASettings()).items() if k != "target_modules"}
 #: Validation metrics recorded per round: everything the validation loop logs under these prefixes.
 METRIC_PREFIXES = ("val/", "val_")
+#: Where a checkpoint keeps the pruning plan of each pruned attribute (`model_attr` -> plan).
+PLANS_KEY = "rku_pruning_plans"
+#: Settings a resumed run must share with the run that wrote the checkpoint (they decide masks and records).
+RESUME_FIELDS = ("target_sparsity", "rounds", "schedule", "importance", "objective", "allocation", "attention",
+                 "min_mlp_keep", "calibration_batches", "recovery_steps", "lora", "seed", "model_attr")
 
 
 class RKUPruning(Callback):
@@ -63,9 +71,11 @@ class RKUPruning(Callback):
         target_sparsity: fraction of decoder-layer parameters removed after the last round.
         rounds: number of prune-and-recover rounds.
         schedule: `cubic`, `linear` or `constant` (see `rku_lightning.pruning.schedules`).
-        importance, objective, allocation, attention, min_mlp_keep, micro_batch_size, checkpoint_layers: the
-            `PruningSettings` of the run's `StructuredPruner` (`self.settings`); `importance` is a
-            registered name or an `Importance` (in a config: `class_path` and `init_args`).
+        importance: a registered method name (built in: rku, kinetic, flap, wanda_sp, taylor, magnitude,
+            random; `register_importance` adds names, so the type stays `str`) or an `Importance` (in a
+            config: `class_path` and `init_args`).
+        objective, allocation, attention, min_mlp_keep, micro_batch_size, checkpoint_layers: with
+            `importance`, the `PruningSettings` of the run's `StructuredPruner` (`self.settings`).
         calibration_batches: batches per calibration pass, over all DDP ranks together (rank k takes
             batches k, k + W, ...), from the datamodule's or module's `calibration_dataloader()` if
             there is one, else from the train loader.
@@ -73,13 +83,17 @@ class RKUPruning(Callback):
         lora: LoRA settings (`r`, `alpha`, `dropout`, `target_modules`) for adapters the callback
             injects at setup; `None` injects none (recovery then trains what the module's optimizer
             holds and nothing is merged). Adapters the module injected itself are used as they are.
-        export_dir: where rank 0 writes the compacted model with `save_pruned` (atomically).
-        report_dir: where rank 0 writes report.json / report.md / plots after every round, and
+        export_dir: where rank 0 writes the compacted model with `save_pruned` (atomically); default
+            `<trainer.log_dir>/rku/model`.
+        report_dir: where rank 0 writes report.json / report.md / plots after every round (default
+            `<trainer.log_dir>/rku`), and
             generations/round-N.jsonl: every validation answer (task, question index, gold and extracted
             answers, correct, tokens, text), gathered from all ranks.
         compact_at_end: remove masked structures physically after the last round.
         seed: seeds every round (RNG streams and LoRA adapter re-initialisation), for resumable runs,
             and a named importance.
+        model_attr: the LightningModule attribute that holds the Hugging Face model; it also names the
+            callback's checkpoint state (`state_key`), so two instances pruning two attributes coexist.
     """
 
     def __init__(
@@ -101,6 +115,7 @@ class RKUPruning(Callback):
         micro_batch_size: int | None = None,
         seed: int = 0,
         checkpoint_layers: bool = False,
+        model_attr: str = "model",
     ):
         check_schedule(target_sparsity, rounds, schedule)
         self.settings = PruningSettings(
@@ -115,6 +130,14 @@ class RKUPruning(Callback):
         self.export_dir = Path(export_dir) if export_dir else None
         self.report_dir = Path(report_dir) if report_dir else None
         self.compact_at_end = compact_at_end
+        if not isinstance(model_attr, str) or not model_attr.isidentifier():
+            raise ValueError(f"model_attr must be an attribute name, got {model_attr!r}")
+        self.model_attr = model_attr
+        #: Recovery steps and calibration batches this fit uses: fewer under fast_dev_run / limit_train_batches.
+        self._steps = self.recovery_steps
+        self._calibration = self.calibration_batches
+        self._dry_run = False
+        self._trainable: set[str] | None = None
 
         self.pruner: StructuredPruner | None = None
         self._start_sparsity = 0.0
@@ -128,58 +151,103 @@ class RKUPruning(Callback):
         self.plan: dict | None = None
 
     # -- contract and setup ----------------------------------------------------------------------
-    @staticmethod
-    def hf_model(pl_module: LightningModule) -> torch.nn.Module:
-        """The module's Hugging Face causal LM (`pl_module.model`), or a clear error."""
-        model = getattr(pl_module, "model", None)
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(model_attr=self.model_attr)
+
+    def hf_model(self, pl_module: LightningModule) -> torch.nn.Module:
+        """The module's Hugging Face causal LM (`pl_module.<model_attr>`), or a clear error."""
+        model = getattr(pl_module, self.model_attr, None)
         if not isinstance(model, torch.nn.Module) or not hasattr(unwrap_model(model), "config"):
             raise TypeError(
-                f"RKUPruning needs the LightningModule to expose its Hugging Face causal LM as `model`; "
-                f"{type(pl_module).__name__}.model is {type(model).__name__}. See docs/lightning.md."
+                f"RKUPruning needs the LightningModule to expose its Hugging Face causal LM as `{self.model_attr}` "
+                f"(model_attr); {type(pl_module).__name__}.{self.model_attr} is {type(model).__name__}. See docs/lightning.md."
             )
         try:
             get_family(model)
         except NotImplementedError as error:
-            raise TypeError(f"RKUPruning: {type(pl_module).__name__}.model: {error}") from error
+            raise TypeError(f"RKUPruning: {type(pl_module).__name__}.{self.model_attr}: {error}") from error
         return unwrap_model(model)
+
+    @property
+    def finished(self) -> bool:
+        """Whether this callback's run is over (all rounds, or stopped early); it prunes nothing more."""
+        return self.phase in ("done", "stopped")
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         model = self.hf_model(pl_module)
         _check_strategy(trainer)
-        if stage == "fit" and trainer.world_size > self.calibration_batches:
+        if self.finished:
+            if stage == "fit":
+                raise RuntimeError(
+                    f"RKUPruning: this callback already ran its {self.round}/{self.rounds} rounds (phase {self.phase}) and "
+                    f"the module holds the result; a second fit with it is refused. Fit without it to fine-tune the "
+                    "pruned model, or pass a new RKUPruning to prune further (it starts from the current sparsity)."
+                )
+            return  # validate/test/predict use the module as it is: masks stay, nothing is re-attached
+        if stage == "validate":
+            # Before fit: the dense model becomes round 0 of the report, and a target it cannot reach fails now.
+            self._ensure_pruner(trainer, model)
+            self._check_target()
+        if stage != "fit":  # test/predict before fit: nothing to measure, nothing attached
+            return
+        if trainer.world_size > self.calibration_batches:
             raise ValueError(
                 f"calibration_batches={self.calibration_batches} leaves some of the {trainer.world_size} ranks "
                 "without a calibration batch; use at least one per rank"
             )
-        if self.pruner is None:
-            # Before LoRA injection: the engine counts the parameters it sees at creation as the model's size.
-            self.pruner = StructuredPruner.from_settings(model, self.settings, progress=trainer.is_global_zero)
-            # A pruned export starts part-way: the schedule runs from its sparsity (against the dense model) to the target.
-            self._start_sparsity = self.pruner.sparsity()
-            if self.target_sparsity <= self._start_sparsity:
-                raise ValueError(
-                    f"target_sparsity={self.target_sparsity} is not above the {self._start_sparsity:.4f} of the dense "
-                    "model that this (already pruned) model has removed; raise target_sparsity"
-                )
-            self.pruner.check_reachable(self.target_sparsity, "target_sparsity")
-        if stage == "fit" and self.export_dir is not None and trainer.is_global_zero:
+        self._ensure_pruner(trainer, model)
+        self._check_target()
+        limit = trainer.limit_train_batches  # an int counts batches (1 is one batch), a float is a fraction
+        self._dry_run = bool(trainer.fast_dev_run) or isinstance(limit, int) or limit != 1.0
+        self._steps = 1 if self._dry_run else self.recovery_steps
+        self._calibration = trainer.world_size if self._dry_run else self.calibration_batches
+        self.export_dir = self.export_dir or Path(trainer.log_dir or trainer.default_root_dir) / "rku" / "model"
+        self.report_dir = self.report_dir or Path(trainer.log_dir or trainer.default_root_dir) / "rku"
+        if self.compact_at_end and not self._dry_run and trainer.is_global_zero:
             check_export_target(self.export_dir, overwrite=True)  # an unusable folder fails now, not after training
-        if stage == "fit":
-            if self.lora is not None and not has_lora(model):
-                inject_lora(model, self.lora)
-            self._take_over_loop(trainer)
+        if self.lora is not None and not has_lora(model):
+            # Injection freezes the base weights; the end of the run unfreezes what was trainable before.
+            self._trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+            inject_lora(model, self.lora)
+        self._take_over_loop(trainer)
         self.pruner.gates.attach()  # adapters injected since creation are gated as a whole
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
 
+    def _check_target(self) -> None:
+        assert self.pruner is not None
+        # A pruned export starts part-way: the schedule runs from its sparsity (against the dense model) to the target.
+        if self.round == 0 and self.target_sparsity <= self._start_sparsity:
+            raise ValueError(
+                f"target_sparsity={self.target_sparsity} is not above the {self._start_sparsity:.4f} of the dense "
+                "model that this (already pruned) model has removed; raise target_sparsity"
+            )
+        self.pruner.check_reachable(self.target_sparsity, "target_sparsity")
+
+    def _ensure_pruner(self, trainer: Trainer, model: torch.nn.Module) -> None:
+        if self.pruner is None:
+            # Before LoRA injection: the engine counts the parameters it sees at creation as the model's size.
+            # Outside inference mode (validate runs in it): fit edits the masks in place.
+            with torch.inference_mode(False):
+                self.pruner = StructuredPruner.from_settings(model, self.settings, progress=_show_progress(trainer))
+            self._start_sparsity = self.pruner.sparsity()
+
     def _take_over_loop(self, trainer: Trainer) -> None:
         """Run length and validation cadence follow the rounds; say so when the Trainer said otherwise."""
-        max_steps = self.rounds * self.recovery_steps
-        interval = self.recovery_steps * trainer.accumulate_grad_batches
-        if trainer.max_steps not in (-1, max_steps) or trainer.val_check_interval not in (None, 1.0, interval):
+        max_steps = self.rounds * self._steps
+        interval = self._steps * trainer.accumulate_grad_batches
+        if self._dry_run:
             rank_zero_info(
-                f"RKUPruning sets max_steps={max_steps} and val_check_interval={interval} "
-                f"(rounds x recovery_steps); the Trainer's values are replaced"
+                f"RKUPruning: fast_dev_run / limit_train_batches: {self.rounds} rounds of 1 recovery step, calibration "
+                f"on {self._calibration} batch(es), no export or reports (a check of the pipeline, not a pruned model)"
+            )
+        elif (trainer.max_steps not in (-1, max_steps) or trainer.val_check_interval not in (None, 1.0, interval)
+              or trainer.max_epochs not in (None, -1, 1000)):  # 1000: Lightning's default when neither is set
+            rank_zero_info(
+                f"RKUPruning sets max_steps={max_steps}, max_epochs=-1 and val_check_interval={interval} "
+                f"(rounds x recovery_steps); the Trainer's max_steps={trainer.max_steps}, max_epochs={trainer.max_epochs} "
+                f"and val_check_interval={trainer.val_check_interval} are replaced"
             )
         trainer.fit_loop.epoch_loop.max_steps = max_steps
         trainer.fit_loop.max_epochs = -1
@@ -203,7 +271,7 @@ class RKUPruning(Callback):
             self._start_round(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.phase == "recover" and trainer.global_step >= self.round * self.recovery_steps:
+        if self.phase == "recover" and trainer.global_step >= self.round * self._steps:
             self._end_recovery(trainer, pl_module)
 
     def _start_round(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -226,7 +294,8 @@ class RKUPruning(Callback):
 
     def _end_recovery(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._current["time_recover_s"] = time.perf_counter() - self._clock
-        self._current["time_per_step_s"] = self._current["time_recover_s"] / self.recovery_steps
+        steps = max(trainer.global_step - (self.round - 1) * self._steps, 1)
+        self._current["time_per_step_s"] = self._current["time_recover_s"] / steps
         memory = memory_snapshot(pl_module.device)
         self._current["recover_peak_memory_bytes"], self._current["memory_kind"] = memory["peak_bytes"], memory["kind"]
         model = self.hf_model(pl_module)
@@ -242,16 +311,18 @@ class RKUPruning(Callback):
         self._eval_clock = time.perf_counter()
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or self.pruner is None:
+        if trainer.sanity_checking or self.pruner is None or (self.finished and not self.records):
             return
-        # Every rank holds the same masks, so no sync is needed.
-        pl_module.log("sparsity", float(self.pruner.sparsity()))
-        pl_module.log("round", float(self.round))
+        # Every rank holds the same masks, so no sync is needed. `prune/round` (mode max) is what a
+        # ModelCheckpoint monitors to keep the final, compacted model: val/* of rounds at different sparsities
+        # do not rank against each other.
+        pl_module.log("prune/sparsity", self.sparsity())
+        pl_module.log("prune/round", float(self.round))
         self._write_generations(trainer, getattr(pl_module, "validation_generations", []))
 
     def _write_generations(self, trainer: Trainer, rows: list[dict]) -> None:
         """Every validation answer of this round, so that an accuracy can be read, not only trusted."""
-        if self.report_dir is None:
+        if self.report_dir is None or self._dry_run:
             return
         if trainer.world_size > 1:  # each rank generated for its own shard of the questions
             shards: list[list[dict] | None] = [None] * trainer.world_size
@@ -284,32 +355,65 @@ class RKUPruning(Callback):
         self._current["metrics"] = metrics
         self.records.append(self._current)
         self._current = {}
-        self.phase = "done" if self.round == self.rounds else "calibrate"
+        self.phase = "calibrate"
         rank_zero_info(f"RKUPruning: round {self.round}/{self.rounds} done: " + _format_metrics(metrics))
-        self._write_reports(trainer)
+        if self.round == self.rounds:
+            # Before ModelCheckpoint saves this round (it runs after every other callback): its file holds the result.
+            self._finish_run(trainer, trainer.lightning_module, "done")
+        else:
+            self._write_reports(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.phase == "evaluate":
+        if self.phase == "recover":  # trainer.should_stop in the middle of a round: close it as it is
+            self._end_recovery(trainer, pl_module)
+        if self.phase == "evaluate":  # the round ended without a validation run
             self._finish_round(trainer, {})
-        if self.phase != "done":
-            rank_zero_warn(
-                f"RKUPruning: training stopped in round {self.round}/{self.rounds} ({self.phase}); "
-                "the model keeps its masks and is not compacted or exported"
-            )
-            return
-        if not self.compact_at_end:
-            return
+        if not self.finished:  # trainer.should_stop (EarlyStopping, a user's callback) before the last round
+            self._finish_run(trainer, pl_module, "stopped")
+
+    def _finish_run(self, trainer: Trainer, pl_module: LightningModule, phase: str) -> None:
+        """Leave a plain Hugging Face model in the module: adapters folded in, compacted, no hooks; export it.
+
+        A run stopped before its last round is exported as far as it got, marked `reached_target: false`.
+        """
+        self.phase = phase
         model = self.hf_model(pl_module)
+        reached = phase == "done"
+        sparsity = self.sparsity()
+        if not reached:
+            rank_zero_warn(
+                f"RKUPruning: training stopped after round {self.round}/{self.rounds} at sparsity {sparsity:.4f}, short of "
+                f"target_sparsity={self.target_sparsity}; "
+                + ("what was reached is compacted and exported, marked reached_target=false" if self.round and self.compact_at_end
+                   else "nothing was pruned, so nothing is exported" if not self.round else "the model keeps its masks")
+            )
         if has_lora(model):
             remove_lora_(model)
+        if self._trainable is not None:
+            for name, parameter in model.named_parameters():
+                parameter.requires_grad_(name in self._trainable)
+        if not self.compact_at_end or self.round == 0 or self.pruner is None:
+            if self.round == 0 and self.pruner is not None:  # nothing pruned: no hooks left on the model
+                self.pruner.gates.detach()
+                del model.rku_gates
+            self._write_reports(trainer)
+            return
         self.plan = compact(model)
-        if self.export_dir is not None:
+        if self._dry_run:
+            rank_zero_info("RKUPruning: fast_dev_run / limit_train_batches: the compacted model is not exported")
+        elif self.export_dir is not None:
             if trainer.is_global_zero:
-                metadata = {"rku_lightning_rounds": self.records, "schedule": self.schedule, "target": self.target_sparsity}
+                metadata = {"rku_lightning_rounds": self.records, "schedule": self.schedule, "target": self.target_sparsity,
+                            "reached_target": reached, "rounds_completed": self.round, "rounds_planned": self.rounds}
                 save_pruned(model, getattr(pl_module, "tokenizer", None), self.export_dir, overwrite=True, metadata=metadata)
                 rank_zero_info(f"RKUPruning: exported the compacted model to {self.export_dir}")
             trainer.strategy.barrier("rku_export")
         self._write_reports(trainer)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        plan = getattr(self.hf_model(pl_module), "rku_pruning_plan", None)
+        if plan is not None:  # compacted (the last round's checkpoint, or a run that started from an export)
+            checkpoint.setdefault(PLANS_KEY, {})[self.model_attr] = plan
 
     # -- calibration data and DDP agreement ------------------------------------------------------
     def _calibration_batches(self, trainer: Trainer, pl_module: LightningModule) -> list[dict]:
@@ -318,19 +422,19 @@ class RKUPruning(Callback):
         for holder in (trainer.datamodule, pl_module):
             make = getattr(holder, "calibration_dataloader", None)
             if callable(make):
-                return self._checked(_take(make(), range(rank, self.calibration_batches, world)), rank, world)
+                return self._checked(_take(make(), range(rank, self._calibration, world)), rank, world)
         loader = trainer.train_dataloader
         if isinstance(loader, (list, tuple, dict)):
             raise ValueError(
                 "RKUPruning: several train loaders; give the datamodule a calibration_dataloader() to calibrate on"
             )
         # Lightning already shards the train loader across ranks: take this rank's count from its own shard.
-        return self._checked(_take(loader, range(len(range(rank, self.calibration_batches, world)))), rank, world)
+        return self._checked(_take(loader, range(len(range(rank, self._calibration, world)))), rank, world)
 
     def _checked(self, batches: list[dict], rank: int, world: int) -> list[dict]:
-        expected = len(range(rank, self.calibration_batches, world))
+        expected = len(range(rank, self._calibration, world))
         if len(batches) < expected:
-            rank_zero_warn(f"RKUPruning: calibration_batches={self.calibration_batches} but the loader ran out after fewer")
+            rank_zero_warn(f"RKUPruning: calibration_batches={self._calibration} but the loader ran out after fewer")
         return batches
 
     def _check_masks_agree(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -377,7 +481,7 @@ class RKUPruning(Callback):
             logger.log_metrics(values, step=trainer.global_step)
 
     def _write_reports(self, trainer: Trainer) -> None:
-        if self.report_dir is None or not trainer.is_global_zero:
+        if self.report_dir is None or self._dry_run or not trainer.is_global_zero:
             return
         from rku_lightning.training.reporting import write_reports
 
@@ -402,8 +506,19 @@ class RKUPruning(Callback):
 
     def progress_info(self) -> dict[str, str]:
         """Round, phase and current sparsity, for the progress bar."""
-        sparsity = self.pruner.sparsity() if self.pruner is not None else 0.0
-        return {"round": f"{self.round}/{self.rounds}", "phase": self.phase, "sparsity": f"{sparsity:.3f}"}
+        return {"round": f"{self.round}/{self.rounds}", "phase": self.phase, "sparsity": f"{self.sparsity():.3f}"}
+
+    def sparsity(self) -> float:
+        """The model's current sparsity (after the run: the last round's, as the masks left with compaction)."""
+        if self.finished and self.records:
+            return float(self.records[-1]["sparsity"])
+        return float(self.pruner.sparsity()) if self.pruner is not None else 0.0
+
+    def resume_settings(self) -> dict[str, Any]:
+        """The `RESUME_FIELDS` of this callback: a checkpoint made with other values is refused."""
+        values = {**self.summary(), "min_mlp_keep": self.settings.min_mlp_keep, "seed": self.settings.seed,
+                  "model_attr": self.model_attr}
+        return {k: values[k] for k in RESUME_FIELDS}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -412,6 +527,7 @@ class RKUPruning(Callback):
             "records": self.records,
             "current": self._current,
             "pruner": self.pruner.state_dict() if self.pruner is not None else None,
+            "settings": self.resume_settings(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -424,6 +540,27 @@ class RKUPruning(Callback):
     def _apply_state(self, state: dict[str, Any]) -> None:
         if state["phase"] not in PHASES:
             raise ValueError(f"RKUPruning state: unknown phase {state['phase']!r}")
+        saved, mine = state.get("settings", {}), self.resume_settings()
+        differ = [k for k in RESUME_FIELDS if k in saved and saved[k] != mine[k]]
+        if differ:
+            raise ValueError(
+                "RKUPruning: the checkpoint was written with other settings: "
+                + ", ".join(f"{k}={saved[k]!r} (this callback: {mine[k]!r})" for k in differ)
+                + "; resume with the checkpoint's settings, or start a new run without ckpt_path"
+            )
+        if state["phase"] in ("done", "stopped"):
+            raise ValueError(
+                f"RKUPruning: the checkpoint holds a finished run (phase {state['phase']}); there is nothing to resume. "
+                "Load it with YourModule.load_from_checkpoint (see restore_pruned_shapes), or start a new run"
+            )
+        if state["phase"] in ("recover", "evaluate"):
+            rank_zero_warn(
+                f"RKUPruning: resuming in round {state['round']} phase {state['phase']}, not at a round end: "
+                + ("the rest of the round's recovery continues, but the run will not match an uninterrupted one exactly "
+                   "(dropout and data order of the resumed steps)" if state["phase"] == "recover"
+                   else "the round's validation does not run again, so its metrics are missing from the report")
+                + "; round-end checkpoints (written when a round's validation ends) resume exactly"
+            )
         self.round, self.phase = int(state["round"]), state["phase"]
         self.records = list(state["records"])
         self._current = dict(state["current"])
@@ -431,6 +568,25 @@ class RKUPruning(Callback):
             self.pruner.load_state_dict(state["pruner"])
         self._pending_state = None
         self._clock = time.perf_counter()
+
+
+def restore_pruned_shapes(pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+    """Call from `on_load_checkpoint`: slice the module's models to the shapes of a pruned checkpoint.
+
+    A module built from its hyperparameters (`load_from_checkpoint`, `trainer.test(ckpt_path=...)` with a
+    fresh module) holds the dense model; the final checkpoint of an `RKUPruning` run holds the compacted one
+    and its plan (`checkpoint["rku_pruning_plans"]`), so the shapes must be rebuilt before the weights load.
+    """
+    for attr, plan in checkpoint.get(PLANS_KEY, {}).items():
+        model = getattr(pl_module, attr, None)
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"restore_pruned_shapes: the checkpoint prunes `{attr}`, which {type(pl_module).__name__} does not have")
+        conform_to_plan(model, plan)
+
+
+def _show_progress(trainer: Trainer) -> bool:
+    """Calibration bars follow the Trainer's: shown on rank 0 when it shows a progress bar."""
+    return trainer.is_global_zero and trainer.progress_bar_callback is not None
 
 
 def _check_strategy(trainer: Trainer) -> None:

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from .families import LayerView, ModelFamily, base_linear, get_family, unwrap_model
-from .plan import layer_shapes_uniform
+from .plan import LAYER_FIELDS, layer_shapes_uniform
+
+PLAN_KEYS: tuple[str, ...] = tuple(LAYER_FIELDS)
 
 
 def _slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
@@ -50,7 +52,37 @@ def apply_plan(model: nn.Module, plan: dict) -> None:
     """Give a freshly built dense model the per-layer shapes recorded in `plan` (used when loading)."""
     family = get_family(model)
     for view, layer in zip(family.views(), plan["layers"]):
-        keep_layer(family, view, *(torch.tensor(layer[k]) for k in ("mlp_channels", "heads", "kv_groups")))
+        keep_layer(family, view, *(torch.tensor(layer[k]) for k in PLAN_KEYS))
+
+
+def conform_to_plan(model: nn.Module, plan: dict) -> None:
+    """Slice `model` (dense, or compacted by an earlier plan) to the shapes of `plan`, so that a state dict
+    saved from the model `plan` describes loads into it; a model that already has `plan` is left alone.
+
+    A checkpoint of a pruned run holds compacted tensors; a module rebuilt from its hyperparameters holds
+    the dense model (or the export it started from), so loading the checkpoint needs this first.
+    """
+    model = unwrap_model(model)
+    current = getattr(model, "rku_pruning_plan", None)
+    if current is not None and current["layers"] == plan["layers"]:
+        return
+    if getattr(model, "rku_gates", None) is not None:
+        raise ValueError("conform_to_plan: the model holds pruning masks (a pruning run is in progress); a finished "
+                         "run's checkpoint is loaded with load_from_checkpoint or trainer.test/validate, not resumed with fit")
+    family = get_family(model)
+    with torch.no_grad():
+        for view, layer in zip(family.views(), plan["layers"]):
+            kept = []
+            for key in PLAN_KEYS:
+                position = {index: i for i, index in enumerate(current["layers"][view.index][key])} if current else None
+                missing = [i for i in layer[key] if position is not None and i not in position]
+                if missing:
+                    raise ValueError(f"conform_to_plan: layer {view.index} field '{key}': the model no longer has "
+                                     f"original index {missing[0]}; it was pruned further than the checkpoint's plan")
+                kept.append(torch.tensor(layer[key] if position is None else [position[i] for i in layer[key]]))
+            keep_layer(family, view, *kept)
+    _set_uniform_config(model, family, plan)
+    model.rku_pruning_plan = plan
 
 
 def _compose(previous: dict | None, layer: int, key: str, kept: list[int]) -> list[int]:
@@ -102,12 +134,17 @@ def compact(model: nn.Module) -> dict:
     del model.rku_gates
     plan = {**gates.info, "original": original, "layers": layers}
     plan["uniform_shapes"] = layer_shapes_uniform(plan)
-    if plan["uniform_shapes"]:
-        first = layers[0]
-        config.update(
-            family.uniform_config_update(
-                len(first["mlp_channels"]), len(first["heads"]), len(first["kv_groups"]), original["head_dim"]
-            )
-        )
+    _set_uniform_config(model, family, plan)
     model.rku_pruning_plan = plan
     return plan
+
+
+def _set_uniform_config(model: nn.Module, family: ModelFamily, plan: dict) -> None:
+    """When every layer has the same shape, the config says so, so a saved copy loads with `from_pretrained`."""
+    if plan["uniform_shapes"]:
+        first = plan["layers"][0]
+        model.config.update(
+            family.uniform_config_update(
+                len(first["mlp_channels"]), len(first["heads"]), len(first["kv_groups"]), plan["original"]["head_dim"]
+            )
+        )

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 
+from rku_lightning.callbacks.rku_pruning import restore_pruned_shapes
 from rku_lightning.checks import one_of, positive_int
 from rku_lightning.evaluation.generation import DEFAULT_MAX_NEW_TOKENS, generate_batch, stop_token_ids
 from rku_lightning.evaluation.metrics import ChainOfThoughtNLL, KLToReference, ReasoningAccuracy, score_answer
@@ -111,6 +112,10 @@ class CausalLMPruningModule(LightningModule):
         return self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
         ).logits
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A pruned run's final checkpoint holds compacted weights: give the freshly loaded dense model their shapes.
+        restore_pruned_shapes(self, checkpoint)
 
     def on_fit_start(self) -> None:
         if self.teacher is not None:
