@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 
 import pytest
@@ -147,11 +148,12 @@ def test_recover_row_resumes_an_interrupted_run(bench_env, monkeypatch):
     monkeypatch.setattr(recover, "WORK", bench_env / "work")
     monkeypatch.setitem(recover.PRESETS, "tiny", ["--model.generate=false", "--pruning.rounds=2"])
     assert recover.latest_checkpoint("magnitude", "tiny") is None
-    # The first sitting stops after round 1 of 2 (as a session's end would), leaving its round-end checkpoint.
-    stop = ["--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping", "--trainer.callbacks.monitor=round",
-            "--trainer.callbacks.mode=max", "--trainer.callbacks.stopping_threshold=0.5",
-            "--trainer.callbacks.check_on_train_epoch_end=false"]
-    subprocess.run(recover.train_command("magnitude", "tiny", stop), cwd=recover.ROOT, check=True, capture_output=True)
+    # The first sitting is killed in round 2 of 2 (SIGTERM, as a session's end or a scheduler would),
+    # leaving round 1's round-end checkpoint and no export.
+    stop = ["--trainer.callbacks+=test_train_cli.SigtermInRoundTwo"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(recover.ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    killed = subprocess.run(recover.train_command("magnitude", "tiny", stop), cwd=recover.ROOT, capture_output=True, env=env)
+    assert killed.returncode == 143, killed.stderr[-2000:]
     assert recover.latest_checkpoint("magnitude", "tiny") is not None
     assert not (recover.run_dir("magnitude", "tiny") / "model").exists()
 
