@@ -6,6 +6,7 @@ paired bootstrap on the same questions, so a reader can tell a real gap from noi
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections import Counter, defaultdict
@@ -462,7 +463,7 @@ def recover_section(rows: list[dict], plot_path: Path) -> list[str]:
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.5 * max(len(panels), 1), 4), squeeze=False)
     # One colour per method and one line style per preset, the same in every panel.
     colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
-    styles = {p: s for p, s in zip(dict.fromkeys(r["preset"] for r in rows), ("-", "--", ":", "-."))}
+    styles = {p: s for p, s in zip(dict.fromkeys(r["preset"] for r in rows), itertools.cycle(("-", "--", ":", "-.")))}
     for r in rows:
         records = r["report"]["rounds"]
         lines += [f"**{r['row_id']}**: `{r['train_command']}` ({_recover_time(r)}, commit {r['commit'][:7]})", "",
