@@ -9,7 +9,7 @@ LLAMA_CPP_VERSION = 0.3.36
 LLAMA_CPP = llama-cpp-python==$(LLAMA_CPP_VERSION)
 LLAMA_CPP_CMAKE = -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: install llama-cpp demo test test-fast
+.PHONY: install llama-cpp demo smoke test test-fast
 
 install:
 	# No torch yet: take 2.13.0 (the CPU build on these machines) before a range could pull a multi-GB CUDA build.
@@ -21,8 +21,13 @@ install:
 llama-cpp:
 	$(PYTHON) -c "import sys, llama_cpp; sys.exit(llama_cpp.__version__ != '$(LLAMA_CPP_VERSION)')" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(PIP) install -q --no-binary llama-cpp-python "$(LLAMA_CPP)"
 
+# The main job: configs/demo.yaml (embedded Qwen2.5-Coder-0.5B, minutes on 2 CPU cores; README, "The main job").
 demo: install
 	$(PYTHON) train.py
+
+# A one-minute check that everything runs (SmolLM2-135M, which solves none of the problems).
+smoke: install
+	$(PYTHON) train.py --config configs/smoke.yaml
 
 test: install llama-cpp
 	# The GGUF tests fail, not skip, without llama.cpp here.

@@ -15,6 +15,7 @@ The optimizer is `CausalLMPruningModule`'s (AdamW over the LoRA adapters that ex
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 from jsonargparse import Namespace
@@ -22,8 +23,11 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from rku_lightning.callbacks import RKUPruning
+from rku_lightning.evaluation.speed import compare_decode
+from rku_lightning.loading import load_causal_lm
 from rku_lightning.training.datamodule import ReasoningDataModule
 from rku_lightning.training.lightning_module import CausalLMPruningModule
+from rku_lightning.training.summary import format_summary, summarize, write_summary
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"
@@ -51,6 +55,8 @@ class RKUCLI(LightningCLI):
         parser.add_argument("--output_root", type=str, default="outputs")
         parser.add_argument("--evaluate_dense", type=bool, default=True, help="validate the dense model first (round 0)")
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume from this checkpoint")
+        parser.add_argument("--speed_tokens", type=int, default=32,
+                            help="decode this many tokens with the dense and the pruned model at the end, for the summary (0: skip)")
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config
@@ -110,9 +116,42 @@ def make_cli(args: list[str] | None = None) -> RKUCLI:
     )
 
 
+def _dense_model(module: CausalLMPruningModule):
+    """The dense model to time against: the module's frozen teacher when it matches the student's dtype, else a fresh load."""
+    teacher = module.teacher
+    student = next(module.model.parameters())
+    if teacher is not None and next(teacher.model.parameters()).dtype == student.dtype:
+        return teacher.model.to(student.device)
+    dense, _ = load_causal_lm(module.hparams.pretrained, dtype=student.dtype)
+    return dense.to(student.device)
+
+
+def run_summary(cli: RKUCLI, seconds: float) -> dict | None:
+    """What the run removed, kept and gained (see `training.summary`), printed and saved beside the report."""
+    pruning = next((c for c in cli.trainer.callbacks if isinstance(c, RKUPruning)), None)
+    if pruning is None or not any(r["round"] > 0 for r in pruning.records) or not cli.trainer.is_global_zero:
+        return None
+    data, module = cli.datamodule, cli.model
+    sets = {"val/gsm8k_acc": (data.hparams.val_task, len(data.val_set or ()))}
+    if data.ood_set is not None:
+        sets["val/ood_acc"] = (data.hparams.ood_task, len(data.ood_set))
+    speed = None
+    if cli.config.speed_tokens > 0 and pruning.plan is not None:  # compacted: the exported model itself
+        speed = compare_decode({"dense": _dense_model(module), "pruned": module.model}, module.tokenizer, cli.config.speed_tokens)
+    summary = summarize(
+        pruning.records, sets, speed, seconds, str(pruning.export_dir) if pruning.export_dir else None,
+        str(pruning.report_dir) if pruning.report_dir else None, pruning.phase == "done", pruning.settings.allocation,
+    )
+    if pruning.report_dir is not None:
+        write_summary(summary, pruning.report_dir)
+    print(format_summary(summary))
+    return summary
+
+
 def main(args: list[str] | None = None) -> RKUCLI:
     cli = make_cli(args)
     ckpt_path = cli.config.ckpt_path
+    started = time.perf_counter()
     try:
         if cli.config.evaluate_dense and ckpt_path is None:
             results = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
@@ -125,6 +164,7 @@ def main(args: list[str] | None = None) -> RKUCLI:
         where = f"resume with --ckpt_path {latest}" if latest else "no checkpoint was written yet: rerun from the start"
         print(f"train.py: stopped by SIGTERM at step {cli.trainer.global_step}; nothing was exported; {where}", file=sys.stderr)
         raise SystemExit(SIGTERM_EXIT) from None
+    run_summary(cli, time.perf_counter() - started)
     return cli
 
 

@@ -36,62 +36,14 @@ import torch
 from rku_lightning import StructuredPruner, compact, load_causal_lm, load_pruned, save_pruned
 from rku_lightning.evaluation.calibration import calibration_batches
 from rku_lightning.evaluation.data import load_problems
+from rku_lightning.evaluation.speed import SPEED_PROMPT as PROMPT
+from rku_lightning.evaluation.speed import decode_tokens_per_s, device_of, prefill_tokens_per_s, prompt_ids
 from rku_lightning.files import sha256_file
 from rku_lightning.memory import memory_snapshot, reset_peak_memory
 
 from .common import DATA, MODELS, WORK, is_done, write_row
 
 STAGE = "efficiency"
-PROMPT = (
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-    "How many clips did Natalia sell altogether in April and May? Let's think step by step."
-)
-
-
-# -- measurements on a model in this process ------------------------------------------------------
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def prompt_ids(tokenizer, batch: int, length: int | None = None) -> dict[str, torch.Tensor]:
-    """The fixed prompt (tiled and cut to `length` tokens when given), repeated `batch` times."""
-    ids = tokenizer(PROMPT)["input_ids"]
-    if length is not None:
-        ids = (ids * (length // max(1, len(ids)) + 1))[:length]
-    ids = torch.tensor([ids] * batch)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-@torch.inference_mode()
-def decode_tokens_per_s(model, tokenizer, batch: int, new_tokens: int) -> float:
-    """Greedy tokens generated per second (all sequences), prompt prefill included, length forced."""
-    device = _device(model)
-    inputs = {k: v.to(device) for k, v in prompt_ids(tokenizer, batch).items()}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    _sync(device)
-    started = time.perf_counter()
-    out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
-    _sync(device)
-    seconds = time.perf_counter() - started
-    generated = (out.shape[1] - inputs["input_ids"].shape[1]) * batch
-    return generated / seconds
-
-
-@torch.inference_mode()
-def prefill_tokens_per_s(model, tokenizer, batch: int, length: int) -> float:
-    """Prompt tokens processed per second by one forward pass that fills the KV cache."""
-    device = _device(model)
-    inputs = {k: v.to(device) for k, v in prompt_ids(tokenizer, batch, length).items()}
-    _sync(device)
-    started = time.perf_counter()
-    model(**inputs, use_cache=True)
-    _sync(device)
-    return batch * length / (time.perf_counter() - started)
 
 
 def _cache_tensors(cache) -> list[torch.Tensor]:
@@ -105,7 +57,7 @@ def _cache_tensors(cache) -> list[torch.Tensor]:
 @torch.inference_mode()
 def measured_kv_bytes_per_token(model, tokenizer, length: int = 16) -> int:
     """Bytes the model's KV cache holds per token, read from the cache of a real forward pass."""
-    device = _device(model)
+    device = device_of(model)
     inputs = {k: v.to(device) for k, v in prompt_ids(tokenizer, 1, length).items()}
     cache = model(**inputs, use_cache=True).past_key_values
     total = sum(t.numel() * t.element_size() for t in _cache_tensors(cache))
@@ -160,7 +112,7 @@ def _settle(model) -> None:
     with torch.inference_mode():
         for p in model.parameters():  # read every page: a 1-token forward leaves most of the embedding unread
             p.sum()
-        model(input_ids=torch.ones(1, 1, dtype=torch.long, device=_device(model)))
+        model(input_ids=torch.ones(1, 1, dtype=torch.long, device=device_of(model)))
     gc.collect()
     try:
         import ctypes

@@ -103,7 +103,7 @@ class RKUPruning(Callback):
         schedule: Schedule = "cubic",
         importance: str | Importance = "rku",
         objective: ObjectiveName = "ce",
-        allocation: Allocation = "global",
+        allocation: Allocation = "uniform",
         attention: Attention = "groups",
         min_mlp_keep: float = 0.1,
         calibration_batches: int = 32,

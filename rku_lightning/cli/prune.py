@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="hub id, folder, .gguf file, embedded:NAME or a pruned export (pruned again)")
     parser.add_argument("--sparsity", type=float, required=True, help="fraction of decoder-layer parameters to remove, in [0, 1)")
     parser.add_argument("--importance", default="rku", metavar=_choices(sorted(IMPORTANCES)))
-    parser.add_argument("--allocation", default="global", metavar=_choices(ALLOCATIONS))
+    parser.add_argument("--allocation", default="uniform", metavar=_choices(ALLOCATIONS))
     parser.add_argument("--objective", default="ce", metavar=_choices(OBJECTIVES))
     parser.add_argument("--attention", default="groups", metavar=_choices(ATTENTION_MODES))
     parser.add_argument("--min-mlp-keep", type=float, default=0.1)

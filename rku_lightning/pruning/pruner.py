@@ -141,7 +141,7 @@ class StructuredPruner:
         self,
         model: torch.nn.Module,
         importance: str | Importance = "rku",
-        allocation: Allocation = "global",
+        allocation: Allocation = "uniform",
         objective: ObjectiveName = "ce",
         attention: Attention = "groups",
         min_mlp_keep: float = 0.1,

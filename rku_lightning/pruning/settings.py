@@ -29,7 +29,7 @@ class PruningSettings:
     """
 
     importance: str | Importance = "rku"
-    allocation: Allocation = "global"
+    allocation: Allocation = "uniform"
     objective: ObjectiveName = "ce"
     attention: Attention = "groups"
     min_mlp_keep: float = 0.1

@@ -1,0 +1,111 @@
+"""The end-of-run summary of the main job: what was removed, what was kept, how much faster, where things are.
+
+Built from the records `RKUPruning` writes to report.json (round 0 is the dense model) and a side-by-side
+decode measurement (`evaluation.speed.compare_decode`); printed by `train.py` and saved beside the
+report as summary.json / summary.txt, so a person reads the outcome in seconds and a script can too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from rku_lightning.files import write_text_atomic
+
+SUMMARY_FILES = ("summary.json", "summary.txt")
+
+
+def summarize(
+    records: Sequence[dict],
+    set_sizes: dict[str, tuple[str, int]],
+    speed: dict | None,
+    seconds: float,
+    export_dir: str | None,
+    report_dir: str | None,
+    reached_target: bool = True,
+    allocation: str | None = None,
+) -> dict:
+    """The numbers of the summary. `set_sizes`: {accuracy metric: (data-set name, questions)}."""
+    rounds = sorted(records, key=lambda r: r["round"])
+    if not rounds or rounds[-1]["round"] == 0:
+        raise ValueError("summarize: no pruned round in the records (the run pruned nothing)")
+    dense = rounds[0] if rounds[0]["round"] == 0 else None
+    final = rounds[-1]
+    accuracy = {}
+    for metric, (name, size) in set_sizes.items():
+        pruned = final.get("metrics", {}).get(metric)
+        before = dense.get("metrics", {}).get(metric) if dense else None
+        if pruned is not None:
+            accuracy[name] = {"questions": size, "dense": _count(before, size), "pruned": _count(pruned, size)}
+    speeds = None
+    if speed is not None:
+        speeds = {"dense_tokens_per_s": speed["dense"]["median"], "pruned_tokens_per_s": speed["pruned"]["median"],
+                  "speedup": speed["pruned"]["median"] / speed["dense"]["median"], "settings": speed["settings"]}
+    first_params = dense["params"] if dense else None
+    return {
+        "rounds": final["round"],
+        "reached_target": reached_target,
+        "sparsity": final["sparsity"],
+        "params": {"dense": first_params, "pruned": final["params"]},
+        "kv_cache_bytes_per_token": {"dense": dense["kv_cache_bytes_per_token"] if dense else None,
+                                     "pruned": final["kv_cache_bytes_per_token"]},
+        "accuracy": accuracy,
+        "kl_to_dense": {r["round"]: r["metrics"]["val/kl_to_dense"] for r in rounds if "val/kl_to_dense" in r.get("metrics", {})},
+        "decode": speeds,
+        "seconds": seconds,
+        "export_dir": export_dir,
+        "report_dir": report_dir,
+        "allocation": allocation,
+    }
+
+
+def _count(accuracy: float | None, size: int) -> int | None:
+    return None if accuracy is None else round(accuracy * size)
+
+
+def _millions(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1e6:.1f}M"
+
+
+def format_summary(summary: dict) -> str:
+    """About ten lines a person reads in five seconds."""
+    params, kv = summary["params"], summary["kv_cache_bytes_per_token"]
+    minutes, seconds = divmod(round(summary["seconds"]), 60)
+    status = "" if summary["reached_target"] else " (stopped early: short of the target)"
+    lines = [f"Pruned in {summary['rounds']} rounds, {minutes} min {seconds:02d} s{status}."]
+    lines.append(
+        f"  removed  {summary['sparsity']:.0%} of the decoder: {_millions(params['dense'])} -> {_millions(params['pruned'])} "
+        f"parameters, KV cache {kv['dense'] or '?'} -> {kv['pruned']} bytes/token"
+    )
+    for name, acc in summary["accuracy"].items():
+        dense = "?" if acc["dense"] is None else acc["dense"]
+        lines.append(f"  kept     {name}: {acc['pruned']}/{acc['questions']} correct (dense {dense}/{acc['questions']})")
+    if summary["kl_to_dense"]:
+        last = max(summary["kl_to_dense"])
+        lines.append(f"           KL to the dense model {summary['kl_to_dense'][last]:.3f} nats/token on its own answers")
+    if summary["decode"] is not None:
+        d = summary["decode"]
+        lines.append(
+            f"  faster   decode {d['pruned_tokens_per_s']:.1f} tokens/s vs dense {d['dense_tokens_per_s']:.1f}: "
+            f"{d['speedup']:.2f}x (batch 1, median of {d['settings']['repeats']} interleaved runs)"
+        )
+    if summary["export_dir"]:
+        export = summary["export_dir"]
+        lines += [
+            f"  export   {export}",
+            f"           transformers: rku_lightning.load_pruned({export!r})"
+            + ("" if summary.get("allocation") != "uniform" else f" or AutoModelForCausalLM.from_pretrained({export!r})"),
+            f"           llama.cpp: rku_lightning.save_pruned(*rku_lightning.load_pruned({export!r}), 'model.gguf', format='gguf')",
+        ]
+    if summary["report_dir"]:
+        lines.append(f"  report   {Path(summary['report_dir']) / 'report.md'} (plots: sparsity_curve.png, layer_profile.png)")
+    return "\n".join(lines)
+
+
+def write_summary(summary: dict, out_dir: str | Path) -> dict[str, Path]:
+    out = Path(out_dir)
+    paths = {name: out / name for name in SUMMARY_FILES}
+    write_text_atomic(paths["summary.json"], json.dumps(summary, indent=2))
+    write_text_atomic(paths["summary.txt"], format_summary(summary) + "\n")
+    return paths
