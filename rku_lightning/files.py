@@ -2,7 +2,8 @@
 
 Writers here never leave a half-written result: they write into a temporary beside the target and
 rename it. Temporaries carry their writer's host and PID in their name (`.NAME.rku-HOST-PID.XXXX`),
-so that a later run can remove those of a writer that was killed (`sweep_stale_temporaries`).
+so that a later run can remove those of a writer that was killed (`sweep_stale_temporaries`), and
+the older names earlier versions used once they are a day old.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from pathlib import Path
 # A temporary whose writer cannot be asked (another host) is stale after this long: longer than any run.
 STALE_AFTER_S = 24 * 3600
 _TEMP_NAME = re.compile(r"^\..+\.rku-(?P<host>[A-Za-z0-9_-]*)-(?P<pid>\d+)\.[a-z0-9_]+(\.[a-z]+)?$")
+# tempfile's random part: what the temporaries of earlier versions were named with, and nothing of their writer.
+_TEMPFILE_RANDOM = r"[a-z0-9_]{8}"
+# NamedTemporaryFile's default prefix: GGUF assemblies (`.part`) and JSON writes (`.tmp`) of earlier versions.
+_LEGACY_UNNAMED = re.compile(rf"^tmp{_TEMPFILE_RANDOM}\.(part|tmp)$")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -90,7 +95,7 @@ def temporary_beside(target: Path, folder: bool = True, suffix: str = "") -> Pat
     Stale temporaries of killed writers in the same folder are swept first.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale_temporaries(target.parent)
+    sweep_stale_temporaries(target.parent, target=target.name)
     prefix = f".{target.name}.{_owner_tag()}."
     if folder:
         return Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
@@ -111,21 +116,37 @@ def _writer_gone(host: str, pid: int) -> bool:
     return False
 
 
-def sweep_stale_temporaries(folder: Path, max_age_s: float = STALE_AFTER_S) -> list[Path]:
-    """Remove the temporaries in `folder` whose writer process is gone or that are older than `max_age_s`."""
+def _legacy_temporary(name: str, target: str | None) -> bool:
+    """Whether `name` is a temporary of an earlier version: `tmpXXXXXXXX.part`/`.tmp`, or, for the `target`
+    being written, `.TARGET.XXXXXXXX` (also `.part`/`.tmp`: exports, `.hf.` conversions, reports).
+
+    Hidden names are matched for that target only: `.bashrc.original` has the same form, but only
+    `.pruned.XXXXXXXX` beside the `pruned` being written is surely a temporary.
+    """
+    if _LEGACY_UNNAMED.match(name):
+        return True
+    return target is not None and re.fullmatch(rf"\.{re.escape(target)}\.{_TEMPFILE_RANDOM}(\.part|\.tmp)?", name) is not None
+
+
+def sweep_stale_temporaries(folder: Path, max_age_s: float = STALE_AFTER_S, target: str | None = None) -> list[Path]:
+    """Remove the temporaries in `folder` whose writer process is gone or that are older than `max_age_s`.
+
+    Those of earlier versions (`_legacy_temporary`, `target` being the name about to be written)
+    record no writer, so only their age tells that they are stale.
+    """
     removed = []
     if not folder.is_dir():
         return removed
     now = time.time()
     for path in folder.iterdir():
         match = _TEMP_NAME.match(path.name)
-        if match is None:
+        if match is None and not _legacy_temporary(path.name, target):
             continue
         try:
             age = now - path.lstat().st_mtime
         except FileNotFoundError:
             continue
-        if _writer_gone(match["host"], int(match["pid"])) or age > max_age_s:
+        if age > max_age_s or (match is not None and _writer_gone(match["host"], int(match["pid"]))):
             remove_path(path)
             removed.append(path)
     if removed:

@@ -8,13 +8,14 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 from hashlib import sha256
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import backdate, tiny_model
 
 from rku_lightning import files, loading
 from rku_lightning.loading import embedded_gguf_path, load_causal_lm
@@ -191,6 +192,21 @@ def test_a_killed_assembly_leaves_a_part_that_the_next_load_sweeps(fake):
     with pytest.warns(UserWarning, match="interrupted runs"):
         embedded_gguf_path("fake")
     assert not part.exists()
+
+
+def test_a_load_sweeps_what_earlier_versions_left_in_the_cache(fake):
+    fake["cache"].mkdir(parents=True)
+    conversion = Path(tempfile.mkdtemp(prefix=".hf.", dir=fake["cache"]))  # a killed conversion of an earlier version
+    (conversion / "model.safetensors").write_bytes(b"half")
+    with tempfile.NamedTemporaryFile(dir=fake["cache"], delete=False, suffix=".part") as part:  # and a killed assembly
+        part.write(PARTS[0][:10])
+    young = Path(tempfile.mkdtemp(prefix=".hf.", dir=fake["cache"]))  # under a day old: maybe still being written
+    (fake["cache"] / ".cache").mkdir()  # a user's own hidden folder
+    for path in (conversion, Path(part.name), fake["cache"] / ".cache"):
+        backdate(path)
+    with pytest.warns(UserWarning, match="interrupted runs"):
+        load_causal_lm("embedded:fake")
+    assert sorted(p.name for p in fake["cache"].iterdir()) == sorted([".cache", young.name, "fake.gguf", "fake.sha256", "hf"])
 
 
 @pytest.mark.parametrize(
