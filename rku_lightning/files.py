@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import time
 import warnings
@@ -37,31 +38,48 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def content_stamp(path: Path) -> dict:
-    """sha256, size and mtime of a file: what `still_matches` compares later."""
-    stat = path.stat()
-    return {"sha256": sha256_file(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+def _stat_fields(path: Path) -> dict:
+    """Size and mtime, plus ctime and inode: `os.utime` can set mtime back after a write, but not ctime,
+    and a file renamed or copied into place has a new ctime or inode."""
+    found = path.stat()
+    return {"size": found.st_size, "mtime_ns": found.st_mtime_ns, "ctime_ns": found.st_ctime_ns, "ino": found.st_ino}
 
 
-def still_matches(path: Path, stamp: dict) -> bool:
-    """Whether `path` still holds the content `stamp` recorded.
+def content_stamp(path: Path, sha256: str | None = None) -> dict:
+    """sha256 and stat fields of a file: what `verified_stamp` compares later.
 
-    Unchanged size and mtime are trusted (no rehash: loads stay fast); anything else is rehashed.
+    A `sha256` the caller has just verified is recorded as given, so a large file is not read twice.
+    """
+    fields = _stat_fields(path)  # before hashing, as in `verified_stamp`
+    return {"sha256": sha256 or sha256_file(path), **fields}
+
+
+def verified_stamp(path: Path, stamp: dict) -> dict | None:
+    """The stamp `path` has now if it still holds the content `stamp` recorded, else None.
+
+    Unchanged stat fields are trusted (no rehash: loads stay fast); any change (a stamp of an earlier
+    version lacks some fields) is rehashed, and matching content gets a fresh stamp, which the caller
+    stores when it differs from `stamp` so that the next load is fast again.
     """
     try:
-        stat = path.stat()
+        fields = _stat_fields(path)  # before hashing: a write during the hash then shows as a change next time
     except FileNotFoundError:
-        return False
-    if stat.st_size == stamp.get("size") and stat.st_mtime_ns == stamp.get("mtime_ns"):
-        return True
-    return sha256_file(path) == stamp.get("sha256")
+        return None
+    if all(stamp.get(key) == value for key, value in fields.items()):
+        return stamp
+    return {**stamp, **fields} if sha256_file(path) == stamp.get("sha256") else None
 
 
 def share_like_open(path: Path) -> None:
-    """Give a file or folder the permissions `open`/`mkdir` would have: tempfile makes them private (0600/0700)."""
+    """Give a file or folder the permissions `open`/`mkdir` would have: tempfile makes them private (0600/0700).
+
+    Files that have them already are left alone: a chmod changes ctime, which would void their stamps.
+    """
     umask = os.umask(0)
     os.umask(umask)
-    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    mode = (0o777 if path.is_dir() else 0o666) & ~umask
+    if stat.S_IMODE(path.stat().st_mode) != mode:
+        path.chmod(mode)
 
 
 def share_tree(root: Path) -> None:
