@@ -2,7 +2,8 @@
 
 Writers here never leave a half-written result: they write into a temporary beside the target and
 rename it. Temporaries carry their writer's host and PID in their name (`.NAME.rku-HOST-PID.XXXX`),
-so that a later run can remove those of a writer that was killed (`sweep_stale_temporaries`).
+so that a later run can remove those of a writer that was killed (`sweep_stale_temporaries`), and
+the older names earlier versions used once they are a day old.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import time
 import warnings
@@ -21,6 +23,10 @@ from pathlib import Path
 # A temporary whose writer cannot be asked (another host) is stale after this long: longer than any run.
 STALE_AFTER_S = 24 * 3600
 _TEMP_NAME = re.compile(r"^\..+\.rku-(?P<host>[A-Za-z0-9_-]*)-(?P<pid>\d+)\.[a-z0-9_]+(\.[a-z]+)?$")
+# tempfile's random part: what the temporaries of earlier versions were named with, and nothing of their writer.
+_TEMPFILE_RANDOM = r"[a-z0-9_]{8}"
+# NamedTemporaryFile's default prefix: GGUF assemblies (`.part`) and JSON writes (`.tmp`) of earlier versions.
+_LEGACY_UNNAMED = re.compile(rf"^tmp{_TEMPFILE_RANDOM}\.(part|tmp)$")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -32,31 +38,48 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def content_stamp(path: Path) -> dict:
-    """sha256, size and mtime of a file: what `still_matches` compares later."""
-    stat = path.stat()
-    return {"sha256": sha256_file(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+def _stat_fields(path: Path) -> dict:
+    """Size and mtime, plus ctime and inode: `os.utime` can set mtime back after a write, but not ctime,
+    and a file renamed or copied into place has a new ctime or inode."""
+    found = path.stat()
+    return {"size": found.st_size, "mtime_ns": found.st_mtime_ns, "ctime_ns": found.st_ctime_ns, "ino": found.st_ino}
 
 
-def still_matches(path: Path, stamp: dict) -> bool:
-    """Whether `path` still holds the content `stamp` recorded.
+def content_stamp(path: Path, sha256: str | None = None) -> dict:
+    """sha256 and stat fields of a file: what `verified_stamp` compares later.
 
-    Unchanged size and mtime are trusted (no rehash: loads stay fast); anything else is rehashed.
+    A `sha256` the caller has just verified is recorded as given, so a large file is not read twice.
+    """
+    fields = _stat_fields(path)  # before hashing, as in `verified_stamp`
+    return {"sha256": sha256 or sha256_file(path), **fields}
+
+
+def verified_stamp(path: Path, stamp: dict) -> dict | None:
+    """The stamp `path` has now if it still holds the content `stamp` recorded, else None.
+
+    Unchanged stat fields are trusted (no rehash: loads stay fast); any change (a stamp of an earlier
+    version lacks some fields) is rehashed, and matching content gets a fresh stamp, which the caller
+    stores when it differs from `stamp` so that the next load is fast again.
     """
     try:
-        stat = path.stat()
+        fields = _stat_fields(path)  # before hashing: a write during the hash then shows as a change next time
     except FileNotFoundError:
-        return False
-    if stat.st_size == stamp.get("size") and stat.st_mtime_ns == stamp.get("mtime_ns"):
-        return True
-    return sha256_file(path) == stamp.get("sha256")
+        return None
+    if all(stamp.get(key) == value for key, value in fields.items()):
+        return stamp
+    return {**stamp, **fields} if sha256_file(path) == stamp.get("sha256") else None
 
 
 def share_like_open(path: Path) -> None:
-    """Give a file or folder the permissions `open`/`mkdir` would have: tempfile makes them private (0600/0700)."""
+    """Give a file or folder the permissions `open`/`mkdir` would have: tempfile makes them private (0600/0700).
+
+    Files that have them already are left alone: a chmod changes ctime, which would void their stamps.
+    """
     umask = os.umask(0)
     os.umask(umask)
-    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    mode = (0o777 if path.is_dir() else 0o666) & ~umask
+    if stat.S_IMODE(path.stat().st_mode) != mode:
+        path.chmod(mode)
 
 
 def share_tree(root: Path) -> None:
@@ -90,7 +113,7 @@ def temporary_beside(target: Path, folder: bool = True, suffix: str = "") -> Pat
     Stale temporaries of killed writers in the same folder are swept first.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale_temporaries(target.parent)
+    sweep_stale_temporaries(target.parent, target=target.name)
     prefix = f".{target.name}.{_owner_tag()}."
     if folder:
         return Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
@@ -111,21 +134,37 @@ def _writer_gone(host: str, pid: int) -> bool:
     return False
 
 
-def sweep_stale_temporaries(folder: Path, max_age_s: float = STALE_AFTER_S) -> list[Path]:
-    """Remove the temporaries in `folder` whose writer process is gone or that are older than `max_age_s`."""
+def _legacy_temporary(name: str, target: str | None) -> bool:
+    """Whether `name` is a temporary of an earlier version: `tmpXXXXXXXX.part`/`.tmp`, or, for the `target`
+    being written, `.TARGET.XXXXXXXX` (also `.part`/`.tmp`: exports, `.hf.` conversions, reports).
+
+    Hidden names are matched for that target only: `.bashrc.original` has the same form, but only
+    `.pruned.XXXXXXXX` beside the `pruned` being written is surely a temporary.
+    """
+    if _LEGACY_UNNAMED.match(name):
+        return True
+    return target is not None and re.fullmatch(rf"\.{re.escape(target)}\.{_TEMPFILE_RANDOM}(\.part|\.tmp)?", name) is not None
+
+
+def sweep_stale_temporaries(folder: Path, max_age_s: float = STALE_AFTER_S, target: str | None = None) -> list[Path]:
+    """Remove the temporaries in `folder` whose writer process is gone or that are older than `max_age_s`.
+
+    Those of earlier versions (`_legacy_temporary`, `target` being the name about to be written)
+    record no writer, so only their age tells that they are stale.
+    """
     removed = []
     if not folder.is_dir():
         return removed
     now = time.time()
     for path in folder.iterdir():
         match = _TEMP_NAME.match(path.name)
-        if match is None:
+        if match is None and not _legacy_temporary(path.name, target):
             continue
         try:
             age = now - path.lstat().st_mtime
         except FileNotFoundError:
             continue
-        if _writer_gone(match["host"], int(match["pid"])) or age > max_age_s:
+        if age > max_age_s or (match is not None and _writer_gone(match["host"], int(match["pid"]))):
             remove_path(path)
             removed.append(path)
     if removed:

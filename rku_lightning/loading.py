@@ -6,6 +6,7 @@ on machines that cannot reach a model hub. transformers dequantizes GGUF to floa
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -29,7 +30,8 @@ from .files import (
     content_stamp,
     recover_replaced,
     sha256_file,
-    still_matches,
+    share_tree,
+    verified_stamp,
     write_file_atomic,
     write_folder_atomic,
     write_text_atomic,
@@ -109,18 +111,28 @@ def _read_json(path: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+def _store_record(path: Path, record: dict) -> None:
+    """Write back a stamp record that a rehash renewed, so that the next load need not rehash.
+
+    A shared cache this user may only read is left as it is: its loads rehash, but they still load.
+    """
+    with contextlib.suppress(PermissionError):
+        write_text_atomic(path, json.dumps(record, indent=1))
+
+
 def _gguf_is_verified(target: Path, spec: EmbeddedModel) -> bool:
-    """Whether the assembled GGUF still has the expected content; rehashes unless size and mtime match its sidecar."""
+    """Whether the assembled GGUF still has the expected content; rehashes unless its stat fields match its sidecar."""
     if not target.is_file():
         return False
     sidecar = target.with_suffix(".sha256")
     stamp = _read_json(sidecar)
-    if stamp is not None and stamp.get("sha256") == spec.sha256 and still_matches(target, stamp):
-        if (mtime := target.stat().st_mtime_ns) != stamp.get("mtime_ns"):
-            write_text_atomic(sidecar, json.dumps({**stamp, "mtime_ns": mtime}))  # touched, not changed: no rehash next time
+    fresh = verified_stamp(target, stamp) if stamp is not None and stamp.get("sha256") == spec.sha256 else None
+    if fresh is not None:
+        if fresh != stamp:
+            _store_record(sidecar, fresh)  # touched or copied, not changed: no rehash next time
         return True
     if stamp is None and sha256_file(target) == spec.sha256:  # sidecar lost (killed before writing it)
-        write_text_atomic(sidecar, json.dumps(content_stamp(target)))
+        _store_record(sidecar, content_stamp(target, spec.sha256))
         return True
     warnings.warn(f"embedded model {spec.name!r}: {target} failed its sha256 check; assembling it again", stacklevel=3)
     return False
@@ -137,7 +149,6 @@ def embedded_gguf_path(name: str) -> Path:
     target = cache_dir() / spec.name / spec.filename
     if _gguf_is_verified(target, spec):
         return target
-    stamp: dict = {}
 
     def assemble(tmp: Path) -> None:
         with open(tmp, "wb") as out:
@@ -145,11 +156,11 @@ def embedded_gguf_path(name: str) -> Path:
                 with open(source, "rb") as part:
                     shutil.copyfileobj(part, out, 1 << 22)
         _checked(tmp, spec)
-        stamp.update(content_stamp(tmp))
 
     # Never a half-written or unverified GGUF under the target's name.
     write_file_atomic(target, assemble, suffix=".part")
-    write_text_atomic(target.with_suffix(".sha256"), json.dumps(stamp))
+    # Stamped once in place: the chmod and rename that put it there changed its ctime.
+    write_text_atomic(target.with_suffix(".sha256"), json.dumps(content_stamp(target, spec.sha256)))
     return target
 
 
@@ -197,16 +208,23 @@ def _check_local(source: str) -> None:
 
 
 def _converted_is_verified(converted: Path, spec: EmbeddedModel) -> bool:
-    """Whether the converted copy is complete and unchanged: every file it was written with matches its stamp."""
+    """Whether the converted copy is complete and unchanged: every file it was written with matches its stamp.
+
+    Stamps refreshed by a rehash (a chmod, a copy) are written back, so the next load does not rehash.
+    """
     manifest = _read_json(converted / MANIFEST)
     if manifest is None or manifest.get("source_sha256") != spec.sha256 or not manifest.get("files"):
         if converted.exists():
             warnings.warn(f"embedded model {spec.name!r}: {converted} is incomplete; converting again", stacklevel=3)
         return False
+    fresh = {}
     for name, stamp in manifest["files"].items():
-        if not still_matches(converted / name, stamp):
+        fresh[name] = verified_stamp(converted / name, stamp)
+        if fresh[name] is None:
             warnings.warn(f"embedded model {spec.name!r}: {converted / name} failed its sha256 check; converting again", stacklevel=3)
             return False
+    if fresh != manifest["files"]:
+        _store_record(converted / MANIFEST, {**manifest, "files": fresh})
     return True
 
 
@@ -222,6 +240,7 @@ def _load_embedded(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreT
     def save(folder: Path) -> None:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        share_tree(folder)  # before stamping (the weights arrive 0600): a later chmod would change their ctime
         files = {str(p.relative_to(folder)): content_stamp(p) for p in sorted(folder.rglob("*")) if p.is_file()}
         # Written last: a copy without its manifest is never trusted.
         (folder / MANIFEST).write_text(json.dumps({"source_sha256": spec.sha256, "files": files}, indent=1))

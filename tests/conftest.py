@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from rku_lightning.files import STALE_AFTER_S
 from rku_lightning.paths import shared_data_dir
 from rku_lightning.pruning.importance import Importance
 from rku_lightning.pruning.structures import num_units
@@ -67,6 +70,13 @@ class LowIndexFirst(Importance):
 
     def layer_scores(self, view, kind, stats, alive):
         return torch.arange(num_units(view, kind), dtype=torch.float64)
+
+
+def backdate(path: Path, age_s: float = STALE_AFTER_S + 3600) -> Path:
+    """Give `path` the mtime of a file written `age_s` ago: what a sweep by age sees of an old run's litter."""
+    then = time.time() - age_s
+    os.utime(path, (then, then))
+    return path
 
 
 def tiny_batches(n_batches: int = 3, batch_size: int = 2, seq_len: int = 12, seed: int = 0, pad: bool = True):

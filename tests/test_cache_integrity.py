@@ -8,13 +8,15 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
 from hashlib import sha256
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import backdate, tiny_model
 
 from rku_lightning import files, loading
 from rku_lightning.loading import embedded_gguf_path, load_causal_lm
@@ -79,7 +81,17 @@ def flip_bytes(path: Path, at: int = 100, count: int = 16) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_assembled_gguf_is_hashed_once_then_trusted_by_size_and_mtime(fake, monkeypatch):
+def rewrite_keeping_size_and_mtime(path: Path) -> None:
+    """Flip bytes in place and set mtime back, as `touch -r` or a careless tool would: only ctime tells."""
+    before = path.stat()
+    time.sleep(0.05)  # past the tick of the stamp's clock (file times advance in ticks of a few ms)
+    flip_bytes(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+
+
+def test_assembled_gguf_is_hashed_once_then_trusted_by_its_stat_stamp(fake, monkeypatch):
     target = embedded_gguf_path("fake")
     assert target.read_bytes() == b"".join(PARTS)
     assert json.loads(target.with_suffix(".sha256").read_text())["size"] == target.stat().st_size
@@ -95,6 +107,13 @@ def test_a_tampered_gguf_is_assembled_again(fake):
     target = embedded_gguf_path("fake")
     flip_bytes(target)
     with pytest.warns(UserWarning, match="failed its sha256 check"):
+        assert embedded_gguf_path("fake").read_bytes() == b"".join(PARTS)
+
+
+def test_a_gguf_rewritten_with_its_mtime_set_back_is_assembled_again(fake):
+    target = embedded_gguf_path("fake")
+    rewrite_keeping_size_and_mtime(target)
+    with pytest.warns(UserWarning, match="failed its sha256 check; assembling it again"):
         assert embedded_gguf_path("fake").read_bytes() == b"".join(PARTS)
 
 
@@ -129,6 +148,76 @@ def test_converted_copy_is_checked_and_rebuilt_when_tampered(fake, monkeypatch):
     assert len(fake["conversions"]) == 2 and torch.equal(logits(model), expected)
     reloaded, _ = load_causal_lm("embedded:fake")
     assert torch.equal(logits(reloaded), expected)
+
+
+def test_a_converted_copy_rewritten_with_its_mtime_set_back_is_converted_again(fake):
+    load_causal_lm("embedded:fake")
+    rewrite_keeping_size_and_mtime(fake["cache"] / "hf" / "model.safetensors")
+    with pytest.warns(UserWarning, match="model.safetensors failed its sha256 check; converting again"):
+        model, _ = load_causal_lm("embedded:fake")
+    assert len(fake["conversions"]) == 2 and torch.equal(logits(model), logits(tiny_model("llama")))
+
+
+def _stamp_record(fake, which: str) -> tuple[Path, Path, list[str]]:
+    """The cached file, the JSON file that stamps it, and where in that JSON its stamp is."""
+    if which == "gguf":
+        return fake["cache"] / "fake.gguf", fake["cache"] / "fake.sha256", []
+    return fake["cache"] / "hf" / "model.safetensors", fake["cache"] / "hf" / "manifest.json", ["files", "model.safetensors"]
+
+
+def _stamp_of(record: Path, keys: list[str]) -> dict:
+    found = json.loads(record.read_text())
+    for key in keys:
+        found = found[key]
+    return found
+
+
+@pytest.mark.parametrize("which", ["gguf", "converted"])
+def test_a_chmod_is_rehashed_once_and_the_stamp_refreshed(fake, monkeypatch, which):
+    load_causal_lm("embedded:fake")
+    path, record, keys = _stamp_record(fake, which)
+    calls = hash_calls(monkeypatch)
+    time.sleep(0.05)  # past the tick of the stamp's clock, so that ctime shows the chmod
+    path.chmod(0o600)
+    load_causal_lm("embedded:fake")
+    assert calls == [path] and len(fake["conversions"]) == 1  # rehashed, found unchanged, kept
+    assert _stamp_of(record, keys)["ctime_ns"] == path.stat().st_ctime_ns
+    load_causal_lm("embedded:fake")
+    assert calls == [path]  # trusted again without a rehash
+
+
+@pytest.mark.parametrize("which", ["gguf", "converted"])
+def test_a_cache_this_user_may_only_read_still_loads_after_a_chmod(fake, monkeypatch, which):
+    load_causal_lm("embedded:fake")
+    path, record, _ = _stamp_record(fake, which)
+    before = record.read_text()
+
+    def read_only(path, text):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(loading, "write_text_atomic", read_only)
+    time.sleep(0.05)
+    path.chmod(0o600)
+    load_causal_lm("embedded:fake")
+    assert len(fake["conversions"]) == 1 and record.read_text() == before
+
+
+@pytest.mark.parametrize("which", ["gguf", "converted"])
+def test_a_stamp_of_an_earlier_version_is_rehashed_once(fake, monkeypatch, which):
+    load_causal_lm("embedded:fake")
+    path, record, keys = _stamp_record(fake, which)
+    whole = json.loads(record.read_text())
+    stamps = [whole] if which == "gguf" else list(whole["files"].values())
+    for stamp in stamps:  # size and mtime only, as earlier versions wrote them
+        del stamp["ctime_ns"], stamp["ino"]
+    record.write_text(json.dumps(whole))
+    calls = hash_calls(monkeypatch)
+    load_causal_lm("embedded:fake")
+    assert path in calls and len(fake["conversions"]) == 1
+    assert _stamp_of(record, keys)["ino"] == path.stat().st_ino
+    calls.clear()
+    load_causal_lm("embedded:fake")
+    assert calls == []
 
 
 @pytest.mark.parametrize("damage", ["manifest", "weights", "stale-source"])
@@ -191,6 +280,21 @@ def test_a_killed_assembly_leaves_a_part_that_the_next_load_sweeps(fake):
     with pytest.warns(UserWarning, match="interrupted runs"):
         embedded_gguf_path("fake")
     assert not part.exists()
+
+
+def test_a_load_sweeps_what_earlier_versions_left_in_the_cache(fake):
+    fake["cache"].mkdir(parents=True)
+    conversion = Path(tempfile.mkdtemp(prefix=".hf.", dir=fake["cache"]))  # a killed conversion of an earlier version
+    (conversion / "model.safetensors").write_bytes(b"half")
+    with tempfile.NamedTemporaryFile(dir=fake["cache"], delete=False, suffix=".part") as part:  # and a killed assembly
+        part.write(PARTS[0][:10])
+    young = Path(tempfile.mkdtemp(prefix=".hf.", dir=fake["cache"]))  # under a day old: maybe still being written
+    (fake["cache"] / ".cache").mkdir()  # a user's own hidden folder
+    for path in (conversion, Path(part.name), fake["cache"] / ".cache"):
+        backdate(path)
+    with pytest.warns(UserWarning, match="interrupted runs"):
+        load_causal_lm("embedded:fake")
+    assert sorted(p.name for p in fake["cache"].iterdir()) == sorted([".cache", young.name, "fake.gguf", "fake.sha256", "hf"])
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model, tiny_tokenizer
+from conftest import backdate, tiny_model, tiny_tokenizer
 
 from rku_lightning import StructuredPruner, compact, load_pruned, save_pruned
 from rku_lightning.files import sweep_stale_temporaries, temporary_beside, write_text_atomic
@@ -114,6 +115,52 @@ def test_a_killed_writers_temporaries_are_swept_and_a_live_ones_kept(tmp_path):
     with pytest.warns(UserWarning, match="interrupted runs"):
         assert sweep_stale_temporaries(tmp_path) == [theirs]
     assert mine.is_dir() and not theirs.exists()
+
+
+def _earlier_versions_temporaries(folder: Path) -> list[Path]:
+    """Made as the earlier writers made them (export/conversion folders, reports, GGUF parts, JSON writes)."""
+    made = [Path(tempfile.mkdtemp(prefix=".run3.", dir=folder))]
+    for prefix, suffix in ((".run3.", ""), (".run3.", ".part"), (".run3.", ".tmp")):
+        handle, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+        os.close(handle)
+        made.append(Path(name))
+    for suffix in (".part", ".tmp"):
+        with tempfile.NamedTemporaryFile(dir=folder, delete=False, suffix=suffix) as handle:
+            made.append(Path(handle.name))
+    return made
+
+
+# Not temporaries of run3: hidden folders and files of the user's, the copy `overwrite` puts aside, other
+# targets' names of the same form (`.bashrc.original` is `.NAME.` and 8 characters too), other `.part` files.
+NOT_TEMPORARIES = [".git", ".venv", ".cache", ".run3.old", ".bashrc.original", ".run4.k2j4l1x9", ".run3.backup",
+                   ".run3.K2J4L1X9", "movie.mkv.part", "tmp.part", "tmpk2j4l1x9.json"]
+
+
+def test_temporaries_of_earlier_versions_are_swept_by_age_and_nothing_else(tmp_path):
+    legacy = [backdate(path) for path in _earlier_versions_temporaries(tmp_path)]
+    young = _earlier_versions_temporaries(tmp_path)  # maybe still being written by an earlier version
+    for name in NOT_TEMPORARIES:
+        path = tmp_path / name
+        if "." in name[1:]:
+            path.write_text("mine")
+        else:
+            path.mkdir()
+        backdate(path)
+    with pytest.warns(UserWarning, match="interrupted runs"):
+        assert sorted(sweep_stale_temporaries(tmp_path, target="run3")) == sorted(legacy)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(NOT_TEMPORARIES + [p.name for p in young])
+
+
+def test_an_export_sweeps_the_temporary_an_earlier_version_left_for_it(tmp_path):
+    left = Path(tempfile.mkdtemp(prefix=".run3.", dir=tmp_path))  # an earlier save_pruned, killed
+    (left / "model.safetensors").write_bytes(b"half")
+    backdate(left)
+    for name in (".git", ".venv", ".cache"):
+        (tmp_path / name).mkdir()
+        backdate(tmp_path / name)
+    with pytest.warns(UserWarning, match=re.escape(f"interrupted runs in {tmp_path}: {left.name}") + "$"):
+        save_pruned(compacted(), None, tmp_path / "run3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache", ".git", ".venv", "run3"]
 
 
 def test_a_failed_atomic_write_leaves_no_temporary(tmp_path):
