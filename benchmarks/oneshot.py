@@ -27,7 +27,7 @@ from rku_lightning.evaluation.evaluate import evaluate_model, kl_to_reference, n
 from rku_lightning.evaluation.traces import as_problems, cached_traces
 from rku_lightning.files import sha256_file
 
-from .common import DATA, MODELS, WORK, is_done, write_row
+from .common import DATA, MODELS, WORK, row_path, write_row
 
 STAGE = "oneshot"
 #: Rows without generation (CoT NLL only) live apart, so that a full row never gets mistaken for one.
@@ -279,6 +279,19 @@ def settings_flags(settings: Settings) -> list[str]:
     return flags
 
 
+#: What rows written before a setting existed were measured with.
+LEGACY_SETTINGS = {"calib_source": "gold", "kl": False, "device": "auto"}
+
+
+def measured_with(stage: str, row_id: str, settings: Settings) -> bool:
+    """Whether the row exists and was measured with exactly these settings (a row measured otherwise,
+    e.g. before KL to dense existed, is measured again and replaced)."""
+    path = row_path(stage, row_id)
+    if not path.is_file():
+        return False
+    return {**LEGACY_SETTINGS, **json.loads(path.read_text())["settings"]} == asdict(settings)
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(**{name: getattr(args, name) for name in asdict(Settings())})
 
@@ -289,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     add_settings_arguments(parser)
     args = parser.parse_args(argv)
     settings = settings_from(args)
-    if is_done(settings.stage, args.row):
+    if measured_with(settings.stage, args.row, settings):
         print(f"{args.row}: done already")
         return
     record = run_row(Row.parse(args.row), settings)

@@ -198,3 +198,17 @@ def test_recover_accuracy_is_paired_per_question_within_a_preset(bench_env):
     assert flap.startswith("| flap | 1 | 3/4 [") and "| +1 [" in flap and flap.endswith("| — |  |")  # 3 vs 2 solved, no OOD
     assert next(line for line in table if line.startswith("| other |")).split(" | ")[3] == ""  # another preset: no gap
     assert not any(line.startswith("| none |") for line in table)  # a run without kept answers
+
+
+def test_a_row_counts_as_done_only_when_measured_with_the_same_settings(bench_env):
+    """A row written before KL to dense existed (no `kl` in its settings) is measured again, not reused."""
+    settings = Settings(gsm8k_limit=3, generate=False)
+    row = "tiny-rku-uniform-20"
+    assert not oneshot.measured_with(settings.stage, row, settings)
+    recorded = {k: v for k, v in vars(settings).items() if k not in oneshot.LEGACY_SETTINGS}
+    common.write_row(settings.stage, row, {"settings": recorded})
+    assert oneshot.measured_with(settings.stage, row, Settings(gsm8k_limit=3, generate=False, kl=False))
+    assert not oneshot.measured_with(settings.stage, row, settings)  # kl=True now: measure again
+    common.write_row(settings.stage, row, {"settings": vars(settings)})
+    assert oneshot.measured_with(settings.stage, row, settings)
+    assert not oneshot.measured_with(settings.stage, row, Settings(gsm8k_limit=3, generate=False, seed=1))

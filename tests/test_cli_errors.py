@@ -45,7 +45,7 @@ PRUNE = [
     (["--threads", "0"], 2, "--threads must be a positive integer"),
     (["--sparsity", "1.5"], 2, r"--sparsity must be a number in \[0, 1\)"),
     # unreachable: refused right after loading, before calibrating (no "calibrate" progress bar)
-    (["--sparsity", "0.99"], 2, r"--sparsity=0.99 is unreachable: --min-mlp-keep=0.1 .* cap it at 0\.\d{4} \(global allocation\); lower --sparsity"),
+    (["--sparsity", "0.99"], 2, r"--sparsity=0.99 is unreachable: --min-mlp-keep=0.1 .* cap it at 0\.\d{4} \(uniform allocation\); lower --sparsity"),
     (["--model", "{tmp}/no/such/model"], 1, "FileNotFoundError: model: .* does not exist"),
     (["--model", "{tmp}/notes"], 1, "folder without config.json"),
     (["--calibration", "{tmp}/empty.jsonl"], 1, "empty.jsonl is empty"),
