@@ -82,17 +82,14 @@ class RKUCLI(LightningCLI):
 
 
 def dense_table(results: list[dict[str, float]], ood_task: str) -> str:
-    """The dense model's validation, one column per set, each with only its own metrics.
+    """The dense model's validation, one line per set (`trainer.validate`'s results, one dict per dataloader).
 
-    Lightning's table shows every epoch-level metric under every dataloader, so the OOD column would
-    repeat the GSM8K accuracy and NLLs; here the OOD set shows `val/ood_*` only.
+    Each dict holds only its set's metrics: the module logs a set's metrics during that set's batches, and
+    the callback its `prune/*` during the first batch, so Lightning files them under one dataloader.
     """
-    merged = {k.split("/dataloader_idx_")[0]: float(v) for result in results for k, v in result.items()}
-    columns = {"gsm8k": {k: v for k, v in merged.items() if not k.startswith("val/ood_")},
-               ood_task: {k: v for k, v in merged.items() if k.startswith("val/ood_")}}
     lines = ["dense model (round 0):"]
-    for task, metrics in columns.items():
-        lines += [f"  {task}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))] if metrics else []
+    for task, metrics in zip(("gsm8k", ood_task), results):
+        lines += [f"  {task}: " + ", ".join(f"{k}={float(v):.4f}" for k, v in sorted(metrics.items()))] if metrics else []
     return "\n".join(lines)
 
 

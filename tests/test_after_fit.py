@@ -1,5 +1,7 @@
 """RKUPruning behaves like a built-in Lightning callback (issue 17): a plain compacted model after fit,
-checkpoints that load with pruned shapes, fast_dev_run, should_stop, resume checks, Trainer settings."""
+checkpoints that load with pruned shapes (also saved at train-epoch end without validation), fast_dev_run,
+should_stop, resume checks, Trainer settings, each metric once in validate's table, nothing attached to a
+model that is already pruned."""
 
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def params(module: L.LightningModule) -> int:
 def assert_plain(model: torch.nn.Module) -> None:
     """A plain Hugging Face model: no adapters, no gates, no forward hooks."""
     assert not has_lora(model) and getattr(model, "rku_gates", None) is None
-    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 
 
 def test_validate_test_predict_and_a_new_trainer_after_fit(tmp_path):
@@ -212,3 +214,105 @@ def test_should_stop_mid_recovery_closes_the_round(tmp_path, step, phase, rounds
     assert params(module) == rku.records[-1]["params"]
     plan = json.loads((tmp_path / "model" / "pruning.json").read_text())
     assert plan["reached_target"] is (phase == "done") and plan["rounds_completed"] == rounds[-1]
+
+
+class TwoSetsLM(FullLM):
+    """A user's module validating two sets (stand-ins for GSM8K and SVAMP), each metric named by its set."""
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        name = ("val/gsm8k_loss", "val/svamp_loss")[dataloader_idx]
+        self.log(name, self._loss(batch), batch_size=batch["input_ids"].shape[0], add_dataloader_idx=False)
+
+
+class TwoSetsData(EvalData):
+    def val_dataloader(self):
+        return [DataLoader(tiny_batches(2, batch_size=2, seed=2), batch_size=None),
+                DataLoader(tiny_batches(1, batch_size=2, seed=6), batch_size=None)]
+
+
+def test_the_verbose_validate_table_lists_each_metric_once(tmp_path):
+    """`validate(verbose=True)` prints one column per dataloader, from the dicts it returns: a set's metric
+    belongs in its set's dict only, and the callback's run-level `prune/*` in one dict, not in every one."""
+    rku = pruning(rounds=2)
+    trainer = make_trainer(tmp_path, [rku])
+    module, data = TwoSetsLM(), TwoSetsData()
+    run = {"prune/sparsity", "prune/round"}
+    dense = trainer.validate(module, data, verbose=True)
+    assert [set(result) for result in dense] == [{"val/gsm8k_loss"} | run, {"val/svamp_loss"}]
+    assert dense[0]["prune/round"] == 0 and dense[0]["prune/sparsity"] == 0
+    trainer.fit(module, data)
+    assert all(set(record["metrics"]) == {"val/gsm8k_loss", "val/svamp_loss"} for record in rku.records)
+    assert trainer.callback_metrics["prune/round"] == 2
+    after = trainer.validate(module, data, verbose=True)
+    assert [set(result) for result in after] == [{"val/gsm8k_loss"} | run, {"val/svamp_loss"}]
+    assert after[0]["prune/sparsity"] == pytest.approx(rku.records[-1]["sparsity"])
+    assert after[1]["val/svamp_loss"] == pytest.approx(rku.records[-1]["metrics"]["val/svamp_loss"], rel=1e-5)
+
+
+class TrainOnly(L.LightningDataModule):
+    """A user's DataModule without a validation loader: every round ends at its last step, unvalidated."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens = TokenData()
+
+    def setup(self, stage):
+        self.tokens.trainer = self.trainer  # its train stream resumes from the trainer's step
+
+    def train_dataloader(self):
+        return self.tokens.train_dataloader()
+
+    def calibration_dataloader(self):
+        return self.tokens.calibration_dataloader()
+
+    def test_dataloader(self):
+        return DataLoader(tiny_batches(2, batch_size=2, seed=3), batch_size=None)
+
+
+@pytest.mark.parametrize("saver", [dict(save_on_train_epoch_end=True, save_last=True), dict(every_n_epochs=1)],
+                         ids=["save_on_train_epoch_end", "monitor_less"])
+def test_a_checkpoint_at_train_epoch_end_without_validation_holds_the_pruned_model(tmp_path, saver):
+    rku = pruning(rounds=2)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", **saver)
+    trainer = make_trainer(tmp_path, [rku, checkpoint], enable_checkpointing=True)
+    module, data = FullLM(), TrainOnly()
+    trainer.fit(module, data)
+    assert rku.phase == "done" and [r["metrics"] for r in rku.records] == [{}, {}]
+    paths = {checkpoint.best_model_path, checkpoint.last_model_path} - {""}
+    assert paths, "no checkpoint was written"
+    batch = tiny_batches(1, seed=5)[0]
+    with torch.no_grad():
+        expected = module.model(**batch).logits
+    tested = trainer.test(module, data, verbose=False)[0]["test/loss"]
+    for path in paths:
+        assert torch.load(path, weights_only=False)["callbacks"][rku.state_key]["phase"] == "done"
+        loaded = FullLM.load_from_checkpoint(path)
+        assert params(loaded) == params(module) == rku.records[-1]["params"]
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.model(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+        tester = make_trainer(tmp_path / "test", [pruning(rounds=2)])
+        assert tester.test(FullLM(), data, ckpt_path=path, verbose=False)[0]["test/loss"] == pytest.approx(tested, rel=1e-5)
+
+
+def test_a_new_callback_on_a_pruned_model_attaches_nothing(tmp_path):
+    """validate with a new RKUPruning measures a compacted model as it is (no all-ones gates, no hooks, no
+    prune/* metrics), also one that a ckpt_path makes compacted after setup; fit with it prunes further."""
+    module, data = FullLM(), EvalData()
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path, [pruning(rounds=2), saver], enable_checkpointing=True).fit(module, data)
+    batch = tiny_batches(1, seed=5)[0]
+    with torch.no_grad():
+        expected = module.model(**batch).logits
+    loss = make_trainer(tmp_path / "plain", []).validate(module, data, verbose=False)[0]["val/loss"]
+    rku = pruning(rounds=1, target_sparsity=0.5)
+    assert make_trainer(tmp_path / "again", [rku]).validate(module, data, verbose=False) == [{"val/loss": pytest.approx(loss)}]
+    assert rku.pruner is None and rku.records == []
+    assert_plain(module.model)
+    with torch.no_grad():
+        torch.testing.assert_close(module.model(**batch).logits, expected)
+    fresh = FullLM()
+    checked = make_trainer(tmp_path / "from-ckpt", [pruning(rounds=1, target_sparsity=0.5)])
+    assert checked.validate(fresh, data, ckpt_path=saver.last_model_path, verbose=False)[0]["val/loss"] == pytest.approx(loss)
+    assert_plain(fresh.model)
+    make_trainer(tmp_path / "further", [rku]).fit(module, data)
+    assert rku.records[-1]["sparsity"] == pytest.approx(0.5, abs=0.02) and params(module) == rku.records[-1]["params"]

@@ -160,25 +160,63 @@ def test_bad_configuration_fails_before_compute(tmp_path, capsys, monkeypatch, o
     assert not (tmp_path / "outputs" / "tiny" / "report.json").exists()
 
 
-@pytest.mark.parametrize("generate", [True, False])
-def test_validation_without_generation_measures_nll_only(tmp_path, generate):
-    """`model.generate: false` is the cheap per-round check: CoT NLL, no answers and so no accuracy."""
-    import lightning as L
-
+def _validation_setup(tmp_path, generate: bool = True, datamodule_class=None):
     from rku_lightning.training.datamodule import ReasoningDataModule
     from rku_lightning.training.lightning_module import CausalLMPruningModule
 
     write_config(tmp_path)  # writes the tiny model and data
     data = tmp_path / "data"
     module = CausalLMPruningModule(pretrained=str(tmp_path / "tiny"), max_new_tokens=2, generate=generate)
-    datamodule = ReasoningDataModule(
+    datamodule = (datamodule_class or ReasoningDataModule)(
         train_data=str(data / "gsm8k"), val_data=str(data / "gsm8k"), ood_data=str(data / "svamp"),
-        val_limit=2, ood_limit=2, eval_batch_size=2, max_length=320,
+        val_limit=4, ood_limit=4, eval_batch_size=2, max_length=320,
     )
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    metrics = {key.split("/dataloader_idx")[0] for result in trainer.validate(module, datamodule, verbose=False) for key in result}
-    nll = {"val/cot_nll", "val/cot_nll_reasoning", "val/cot_nll_other", "val/kl_to_dense", "val/kl_to_dense_gold"}
-    assert metrics == (nll | {"val/gsm8k_acc", "val/ood_acc"} if generate else nll)
+    return module, datamodule, trainer
+
+
+NLL_METRICS = {"val/cot_nll", "val/cot_nll_reasoning", "val/cot_nll_other", "val/kl_to_dense", "val/kl_to_dense_gold"}
+
+
+@pytest.mark.parametrize("generate", [True, False])
+def test_validation_without_generation_measures_nll_only(tmp_path, generate):
+    """`model.generate: false` is the cheap per-round check: CoT NLL, no answers and so no accuracy.
+
+    Each set's metrics are in its own dataloader's results only, which `validate(verbose=True)` prints as
+    its columns: the SVAMP column does not repeat GSM8K's accuracy and NLLs.
+    """
+    module, datamodule, trainer = _validation_setup(tmp_path, generate)
+    results = trainer.validate(module, datamodule, verbose=True)
+    assert [set(result) for result in results] == ([NLL_METRICS | {"val/gsm8k_acc"}, {"val/ood_acc"}] if generate
+                                                   else [NLL_METRICS, set()])
+
+
+class _Batches(torch.utils.data.IterableDataset):
+    """Ready batches behind a loader without a length."""
+
+    def __init__(self, batches: list):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def test_validation_loaders_without_a_length_still_log_every_metric(tmp_path):
+    """A set whose loader has no length is logged at epoch end, which Lightning lists under every dataloader."""
+    from torch.utils.data import DataLoader
+
+    from rku_lightning.training.datamodule import ReasoningDataModule
+
+    class Unsized(ReasoningDataModule):
+        def val_dataloader(self):
+            return [DataLoader(_Batches(list(loader)), batch_size=None) for loader in super().val_dataloader()]
+
+    module, datamodule, trainer = _validation_setup(tmp_path)
+    sized = {k: v for result in trainer.validate(module, datamodule, verbose=False) for k, v in result.items()}
+    _, unsized_data, trainer = _validation_setup(tmp_path / "unsized", datamodule_class=Unsized)
+    unsized = trainer.validate(module, unsized_data, verbose=False)
+    assert set(sized) == NLL_METRICS | {"val/gsm8k_acc", "val/ood_acc"}
+    assert len(unsized) == 2 and all(result == pytest.approx(sized, rel=1e-5) for result in unsized)
 
 
 def test_validation_scores_nll_in_slices_with_the_same_result(tmp_path):
@@ -297,10 +335,11 @@ def test_the_standard_module_loads_a_pruned_checkpoint(tmp_path):
         torch.testing.assert_close(loaded(ids, torch.ones_like(ids)), module(ids, torch.ones_like(ids)))
 
 
-def test_the_dense_table_shows_each_set_only_its_own_metrics(monkeypatch):
-    """Lightning lists every epoch-level metric under every dataloader; the SVAMP column must not repeat GSM8K's."""
+def test_the_dense_table_shows_each_set_its_own_metrics(monkeypatch):
+    """One line per dataloader's results (test_validation_without_generation_measures_nll_only: one set's each)."""
     train_script = _train_script(monkeypatch)
-    same = {"val/gsm8k_acc": 0.5, "val/cot_nll": 1.25, "val/kl_to_dense": 0.0, "val/ood_acc": 0.25}
-    gsm8k, svamp = train_script.dense_table([same, dict(same)], "svamp").splitlines()[1:]
+    results = [{"val/gsm8k_acc": 0.5, "val/cot_nll": 1.25, "val/kl_to_dense": 0.0}, {"val/ood_acc": 0.25}]
+    gsm8k, svamp = train_script.dense_table(results, "svamp").splitlines()[1:]
     assert gsm8k == "  gsm8k: val/cot_nll=1.2500, val/gsm8k_acc=0.5000, val/kl_to_dense=0.0000"
     assert svamp == "  svamp: val/ood_acc=0.2500"
+    assert train_script.dense_table(results[:1], "svamp").splitlines()[1:] == [gsm8k]

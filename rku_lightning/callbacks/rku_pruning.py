@@ -34,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from rku_lightning.checks import positive_int
 from rku_lightning.files import write_text_atomic
 from rku_lightning.memory import memory_snapshot, reset_peak_memory
-from rku_lightning.pruning.compaction import compact, conform_to_plan
+from rku_lightning.pruning.compaction import compact, conform_to_plan, is_compacted
 from rku_lightning.pruning.export import check_export_target, save_pruned
 from rku_lightning.pruning.families import get_family, unwrap_model
 from rku_lightning.pruning.importance import Importance
@@ -148,6 +148,7 @@ class RKUPruning(Callback):
         self._pending_state: dict | None = None
         self._clock = 0.0
         self._eval_clock = 0.0
+        self._scalars_due = False
         self.plan: dict | None = None
 
     # -- contract and setup ----------------------------------------------------------------------
@@ -185,11 +186,7 @@ class RKUPruning(Callback):
                     "pruned model, or pass a new RKUPruning to prune further (it starts from the current sparsity)."
                 )
             return  # validate/test/predict use the module as it is: masks stay, nothing is re-attached
-        if stage == "validate":
-            # Before fit: the dense model becomes round 0 of the report, and a target it cannot reach fails now.
-            self._ensure_pruner(trainer, model)
-            self._check_target()
-        if stage != "fit":  # test/predict before fit: nothing to measure, nothing attached
+        if stage != "fit":  # validate prepares in `on_validation_start`, once a ckpt_path is restored; test/predict: nothing
             return
         if trainer.world_size > self.calibration_batches:
             raise ValueError(
@@ -255,6 +252,11 @@ class RKUPruning(Callback):
         trainer.check_val_every_n_epoch = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not sum(trainer.num_val_batches) and not trainer.reload_dataloaders_every_n_epochs:
+            # No validation to pace (the loaders are set up by now): Lightning's default again, so that a ModelCheckpoint
+            # saves at train-epoch ends as in any run without validation (with None it waits for validation ends).
+            # Not with reloaded loaders: a reload would check val_check_interval against a short train loader again.
+            trainer.check_val_every_n_epoch = 1
         optimized = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
         missing = [p for p in lora_parameters(self.hf_model(pl_module)) if id(p) not in optimized]
         if missing:
@@ -307,18 +309,51 @@ class RKUPruning(Callback):
     def _adapter_seed(self) -> int:
         return self.settings.seed * 1_000_003 + self.round
 
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The validation of the epoch's last step has run by now, so a round still in `evaluate` gets none: it ends
+        # here, and the last round is compacted before a ModelCheckpoint saves at train-epoch end (it runs after us).
+        if self.phase == "evaluate":
+            self._finish_round(trainer, {})
+
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._eval_clock = time.perf_counter()
+        if trainer.state.fn == "validate" and self.pruner is None and not self.finished:
+            self._prepare_baseline(trainer, self.hf_model(pl_module))
+
+    def _prepare_baseline(self, trainer: Trainer, model: torch.nn.Module) -> None:
+        """`trainer.validate` before fit, after any `ckpt_path` is restored: the dense model becomes round 0 of the
+        report and a target it cannot reach fails now, before compute. An already pruned model (the module after a
+        run, an export, a final checkpoint) is measured as it is: gates on it would be all ones, hooks for nothing."""
+        if is_compacted(model):
+            rank_zero_info("RKUPruning: the model is already pruned (compacted, with its pruning plan); validate measures "
+                           "it as it is, attaching nothing; fit with this callback prunes it further from its sparsity")
+            return
+        self._ensure_pruner(trainer, model)
+        self._check_target()
+
+    def _measures(self, trainer: Trainer) -> bool:
+        """Whether this validation is a round's (or the dense model's) for this callback."""
+        return not trainer.sanity_checking and self.pruner is not None and not (self.finished and not self.records)
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._scalars_due = self._measures(trainer)
+
+    def on_validation_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if not self._scalars_due:
+            return
+        # Run-level scalars, logged once per validation at its first batch: Lightning lists what is logged during a
+        # dataloader's batches under that dataloader only, and what is logged at epoch end under every dataloader.
+        # Every rank holds the same masks, so no sync is needed. `prune/round` (mode max) is what a ModelCheckpoint
+        # monitors to keep the final, compacted model: val/* of rounds at different sparsities do not rank.
+        self._scalars_due = False
+        pl_module.log("prune/sparsity", self.sparsity(), batch_size=1, add_dataloader_idx=False)
+        pl_module.log("prune/round", float(self.round), batch_size=1, add_dataloader_idx=False)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or self.pruner is None or (self.finished and not self.records):
-            return
-        # Every rank holds the same masks, so no sync is needed. `prune/round` (mode max) is what a
-        # ModelCheckpoint monitors to keep the final, compacted model: val/* of rounds at different sparsities
-        # do not rank against each other.
-        pl_module.log("prune/sparsity", self.sparsity())
-        pl_module.log("prune/round", float(self.round))
-        self._write_generations(trainer, getattr(pl_module, "validation_generations", []))
+        if self._measures(trainer):
+            self._write_generations(trainer, getattr(pl_module, "validation_generations", []))
 
     def _write_generations(self, trainer: Trainer, rows: list[dict]) -> None:
         """Every validation answer of this round, so that an accuracy can be read, not only trusted."""

@@ -85,6 +85,12 @@ def conform_to_plan(model: nn.Module, plan: dict) -> None:
     model.rku_pruning_plan = plan
 
 
+def is_compacted(model: nn.Module) -> bool:
+    """Whether `model` is a finished pruned model: compacted (it carries its plan) and holding no masks."""
+    model = unwrap_model(model)
+    return getattr(model, "rku_pruning_plan", None) is not None and getattr(model, "rku_gates", None) is None
+
+
 def _compose(previous: dict | None, layer: int, key: str, kept: list[int]) -> list[int]:
     """Indices into the original model, through an earlier compaction if there was one."""
     if previous is None:

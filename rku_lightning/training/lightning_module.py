@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from torchmetrics import Metric
 
 from rku_lightning.callbacks.rku_pruning import restore_pruned_shapes
 from rku_lightning.checks import one_of, positive_int
@@ -29,6 +30,8 @@ from .distillation import RECOVERIES, Recovery, Teacher, check_distillation, dis
 from .lora import inject_lora
 
 IN_DISTRIBUTION, OUT_OF_DISTRIBUTION = 0, 1
+#: Validation metrics shown in the progress bar.
+PROGRESS_BAR = ("val/gsm8k_acc", "val/kl_to_dense")
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -194,23 +197,48 @@ class CausalLMPruningModule(LightningModule):
     def on_validation_epoch_start(self) -> None:
         self.validation_generations = []
 
+    def on_validation_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        # A set's metrics are logged during its own last batch: Lightning lists what is logged during a dataloader's
+        # batches under that dataloader only (what is logged at epoch end it lists under every dataloader).
+        trainer = self.trainer
+        counts = trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches
+        if batch_idx + 1 == counts[dataloader_idx]:
+            self._log_set(dataloader_idx == IN_DISTRIBUTION)
+
     def on_validation_epoch_end(self) -> None:
-        # compute() syncs the metrics' sum states across ranks; sync_dist then averages equal values.
+        # What is left: a set whose loader has no length (Lightning then lists it under every dataloader).
+        for in_distribution in (True, False):
+            self._log_set(in_distribution)
+
+    def _set_metrics(self, in_distribution: bool) -> tuple[Metric, ...]:
+        if in_distribution:
+            return self.gsm8k_accuracy, self.cot_nll, self.kl_to_dense, self.kl_to_dense_gold
+        return (self.ood_accuracy,)
+
+    def _set_values(self, in_distribution: bool) -> dict[str, torch.Tensor]:
+        """The metrics of one validation set that saw batches since they were last reset."""
+        if not in_distribution:
+            return {"val/ood_acc": self.ood_accuracy.compute()["accuracy"]} if self.ood_accuracy.update_called else {}
+        values = {}
         if self.gsm8k_accuracy.update_called:
-            self.log("val/gsm8k_acc", self.gsm8k_accuracy.compute()["accuracy"], prog_bar=True, sync_dist=True)
+            values["val/gsm8k_acc"] = self.gsm8k_accuracy.compute()["accuracy"]
         if self.cot_nll.update_called:
             nll = self.cot_nll.compute()
-            for key in ("nll", "nll_reasoning", "nll_other"):
-                self.log(f"val/cot_{key}", nll[key], sync_dist=True)
-        if self.ood_accuracy.update_called:
-            self.log("val/ood_acc", self.ood_accuracy.compute()["accuracy"], sync_dist=True)
+            values.update({f"val/cot_{key}": nll[key] for key in ("nll", "nll_reasoning", "nll_other")})
         for name, metric in (("val/kl_to_dense", self.kl_to_dense), ("val/kl_to_dense_gold", self.kl_to_dense_gold)):
             if metric.update_called:
-                self.log(name, metric.compute(), prog_bar=name == "val/kl_to_dense", sync_dist=True)
+                values[name] = metric.compute()
+        return values
+
+    def _log_set(self, in_distribution: bool) -> None:
+        """Log one validation set's metrics and reset them."""
+        # compute() syncs the metrics' sum states across ranks; sync_dist then averages equal values.
+        for name, value in self._set_values(in_distribution).items():
+            self.log(name, value, prog_bar=name in PROGRESS_BAR, sync_dist=True, batch_size=1, add_dataloader_idx=False)
         # States re-created under `trainer.validate`'s inference mode could not be updated in a later
         # `fit` validation (no inference mode there): make them normal tensors.
         with torch.inference_mode(False):
-            for metric in (self.gsm8k_accuracy, self.cot_nll, self.ood_accuracy, self.kl_to_dense, self.kl_to_dense_gold):
+            for metric in self._set_metrics(in_distribution):
                 metric.reset()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
