@@ -85,11 +85,13 @@ def dense_table(results: list[dict[str, float]], ood_task: str) -> str:
     """The dense model's validation, one line per set (`trainer.validate`'s results, one dict per dataloader).
 
     Each dict holds only its set's metrics: the module logs a set's metrics during that set's batches, and
-    the callback its `prune/*` during the first batch, so Lightning files them under one dataloader.
+    the callback its `prune/*` during the first batch, so Lightning files them under one dataloader; those
+    (round 0, sparsity 0) say nothing about the dense model and are left out.
     """
     lines = ["dense model (round 0):"]
     for task, metrics in zip(("gsm8k", ood_task), results):
-        lines += [f"  {task}: " + ", ".join(f"{k}={float(v):.4f}" for k, v in sorted(metrics.items()))] if metrics else []
+        shown = {k: v for k, v in metrics.items() if not k.startswith("prune/")}
+        lines += [f"  {task}: " + ", ".join(f"{k}={float(v):.4f}" for k, v in sorted(shown.items()))] if shown else []
     return "\n".join(lines)
 
 

@@ -4,7 +4,8 @@
     python -m benchmarks.run recover --methods rku flap --preset cpu
     python -m benchmarks.run render
 
-Rows whose JSON exists are skipped, so an interrupted run resumes where it stopped.
+Rows whose JSON exists (for one-shot rows: measured with the same settings) are skipped, so an
+interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def run_oneshot(args: argparse.Namespace) -> int:
     rows = _ordered_rows(args)
     settings = oneshot.settings_from(args)
     flags = oneshot.settings_flags(settings)
-    todo = [(i, r) for i, r in enumerate(rows, 1) if not is_done(settings.stage, r.row_id)]
+    todo = [(i, r) for i, r in enumerate(rows, 1) if not oneshot.measured_with(settings.stage, r.row_id, settings)]
     print(f"{len(rows) - len(todo)} of {len(rows)} rows done already; running {len(todo)} with {args.jobs} job(s)", flush=True)
     # Rows are separate processes; with --jobs 2 on 2 cores each should use one thread (--threads 1).
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:

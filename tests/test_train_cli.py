@@ -338,7 +338,7 @@ def test_the_standard_module_loads_a_pruned_checkpoint(tmp_path):
 def test_the_dense_table_shows_each_set_its_own_metrics(monkeypatch):
     """One line per dataloader's results (test_validation_without_generation_measures_nll_only: one set's each)."""
     train_script = _train_script(monkeypatch)
-    results = [{"val/gsm8k_acc": 0.5, "val/cot_nll": 1.25, "val/kl_to_dense": 0.0}, {"val/ood_acc": 0.25}]
+    results = [{"val/gsm8k_acc": 0.5, "val/cot_nll": 1.25, "val/kl_to_dense": 0.0, "prune/round": 0.0}, {"val/ood_acc": 0.25}]
     gsm8k, svamp = train_script.dense_table(results, "svamp").splitlines()[1:]
     assert gsm8k == "  gsm8k: val/cot_nll=1.2500, val/gsm8k_acc=0.5000, val/kl_to_dense=0.0000"
     assert svamp == "  svamp: val/ood_acc=0.2500"

@@ -73,7 +73,8 @@ def format_summary(summary: dict) -> str:
     params, kv = summary["params"], summary["kv_cache_bytes_per_token"]
     minutes, seconds = divmod(round(summary["seconds"]), 60)
     status = "" if summary["reached_target"] else " (stopped early: short of the target)"
-    lines = [f"Pruned in {summary['rounds']} rounds, {minutes} min {seconds:02d} s{status}."]
+    rounds = summary["rounds"]
+    lines = [f"Pruned in {rounds} round{'s' if rounds != 1 else ''}, {minutes} min {seconds:02d} s{status}."]
     lines.append(
         f"  removed  {summary['sparsity']:.0%} of the decoder: {_millions(params['dense'])} -> {_millions(params['pruned'])} "
         f"parameters, KV cache {kv['dense'] or '?'} -> {kv['pruned']} bytes/token"
