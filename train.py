@@ -1,10 +1,11 @@
 """Iterative RKU pruning with LoRA recovery, end to end: `python train.py [--config configs/X.yaml] [--a.b=value ...]`.
 
-With no `--config`, configs/demo.yaml runs (embedded SmolLM2-135M, local data, minutes on 2 CPU
-cores). Every argument can be overridden on the command line; `--print_config` shows the result.
-Outputs go to `<output_root>/<run_name>/`: Lightning logs (csv/, tensorboard/), checkpoints/
-(`round-end.ckpt`, the latest round; resume with `--ckpt_path`), report.json, report.md, sparsity_curve.png,
-layer_profile.png and the compacted model (model/).
+With no `--config`, configs/demo.yaml runs: the main job (embedded Qwen2.5-Coder-0.5B, local data, under
+10 minutes on 2 CPU cores; configs/smoke.yaml is a one-minute check on SmolLM2-135M). Every argument can be
+overridden on the command line; `--print_config` shows the result. Outputs go to `<output_root>/<run_name>/`:
+Lightning logs (csv/, tensorboard/), checkpoints/ (`round-end.ckpt`, the latest round; resume with
+`--ckpt_path`), report.json, report.md, sparsity_curve.png, layer_profile.png, the compacted model (model/)
+and the summary printed at the end (summary.txt, summary.json; `training.summary`).
 
 The optimizer is `CausalLMPruningModule`'s (AdamW over the LoRA adapters that exist only after
 `RKUPruning.setup`; `--model.lr`, `--model.weight_decay`), so LightningCLI's `--optimizer` and
