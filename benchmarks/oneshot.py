@@ -23,7 +23,7 @@ import torch
 from rku_lightning import StructuredPruner, compact, load_causal_lm
 from rku_lightning.evaluation.calibration import calibration_batches, self_calibration_problems
 from rku_lightning.evaluation.data import load_problems
-from rku_lightning.evaluation.evaluate import evaluate_model, kl_to_reference, nll_columns
+from rku_lightning.evaluation.evaluate import evaluate_model, kl_per_problem, nll_columns
 from rku_lightning.evaluation.traces import as_problems, cached_traces
 from rku_lightning.files import sha256_file
 
@@ -217,9 +217,12 @@ def run_row(row: Row, settings: Settings) -> dict:
         nll_batch_size=2, perplexity=settings.perplexity,
     )
     timings["gsm8k_s"] = round(time.perf_counter() - started, 1)
+    kl_columns: dict = {}
     if settings.kl and row.importance is not None:
         started = time.perf_counter()
-        g["metrics"].update(kl_to_dense(model, tokenizer, row.model, gsm8k.problems, settings))
+        kl = kl_to_dense(model, tokenizer, row.model, gsm8k.problems, settings)
+        kl_columns = kl.pop("kl_columns")
+        g["metrics"].update(kl)
         timings["kl_s"] = round(time.perf_counter() - started, 1)
     s: dict = {"metrics": {}, "predictions": []}
     if settings.generate:
@@ -238,6 +241,8 @@ def run_row(row: Row, settings: Settings) -> dict:
         "svamp_correct": [p["correct"] for p in s["predictions"]],
         # Per-question CoT NLL sums (aligned with gsm8k_indices), for bootstrap intervals on the NLL.
         "gsm8k_nll": nll_columns(g["predictions"]),
+        # Per-question KL sums and token counts ({"kl_to_dense": {"index", "kl_sum", "tokens"}, ...}).
+        "gsm8k_kl": kl_columns,
         "gsm8k_indices": [p.index for p in gsm8k],
         "svamp_indices": [p.index for p in svamp] if settings.generate else [],
         "data": {
@@ -251,14 +256,17 @@ def run_row(row: Row, settings: Settings) -> dict:
 
 
 def kl_to_dense(model, tokenizer, model_key: str, problems: list, settings: Settings) -> dict:
-    """KL(dense || pruned) per token on the dense model's own (cached) answers and on the gold solutions."""
+    """KL(dense || pruned) per token on the dense model's own (cached) answers and on the gold solutions,
+    with each question's KL sum and token count (`kl_columns`, for paired intervals)."""
     reference, _ = load_causal_lm(MODELS[model_key])
     reference.to(settings.torch_device)
     traces, _ = cached_traces(reference, tokenizer, problems, settings.max_new_tokens, settings.batch_size, progress=False)
-    return {
-        "kl_to_dense": kl_to_reference(model, reference, tokenizer, as_problems(traces), 2, progress=False),
-        "kl_to_dense_gold": kl_to_reference(model, reference, tokenizer, problems, 2, progress=False),
-    }
+    metrics: dict = {"kl_columns": {}}
+    for name, texts in (("kl_to_dense", as_problems(traces)), ("kl_to_dense_gold", problems)):
+        rows = kl_per_problem(model, reference, tokenizer, texts, 2, progress=False)
+        metrics[name] = sum(r["kl_sum"] for r in rows) / sum(r["tokens"] for r in rows)
+        metrics["kl_columns"][name] = {key: [r[key] for r in rows] for key in ("index", "kl_sum", "tokens")}
+    return metrics
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:

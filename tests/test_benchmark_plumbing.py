@@ -46,6 +46,9 @@ def test_oneshot_rows_run_cache_statistics_and_render(bench_env):
     assert len(rku["gsm8k_correct"]) == 3 and len(rku["svamp_correct"]) == 2
     assert [len(v) for v in rku["gsm8k_nll"].values()] == [3] * 4
     assert rku["gsm8k"]["cot_nll"] > 0 and len(rku["data"]["gsm8k_test"]["sha256"]) == 64
+    gold_kl = rku["gsm8k_kl"]["kl_to_dense_gold"]  # per question, for paired intervals; its mean is the row's
+    assert gold_kl["index"] == rku["gsm8k_indices"] and sum(gold_kl["kl_sum"]) / sum(gold_kl["tokens"]) == pytest.approx(
+        rku["gsm8k"]["kl_to_dense_gold"])
     saved = json.loads(common.row_path("oneshot", "tiny-rku-global-30").read_text())
     assert saved["commit"] and saved["command"] and saved["environment"]["threads"] >= 1
     assert common.is_done("oneshot", "tiny-rku-global-30")

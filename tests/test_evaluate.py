@@ -223,3 +223,26 @@ def test_kl_to_reference_refuses_another_vocabulary(tmp_path) -> None:
 
     with pytest.raises(ValueError, match="vocabulary"):
         kl_to_reference(tiny_model("llama"), tiny_model("llama", vocab_size=80), tiny_tokenizer(tmp_path), [PROBLEM])
+
+
+def test_kl_per_problem_splits_the_mean_by_question(tmp_path) -> None:
+    """Per-question KL sums (for paired intervals) add up to the per-token mean that the metric computes."""
+    from rku_lightning.evaluation.evaluate import kl_per_problem, kl_to_reference
+    from rku_lightning.evaluation.metrics import KLToReference
+
+    tokenizer = tiny_tokenizer(tmp_path)
+    dense, other = tiny_model("qwen2", seed=1), tiny_model("qwen2", seed=2)
+    problems = [PROBLEM, Problem("Ann has 2 pens and buys 5 more. How many?", "2 + 5 = 7\n#### 7", 7.0, 3),
+                Problem("No worked solution here.", None, 1.0, 9)]
+    rows = kl_per_problem(other, dense, tokenizer, problems, batch_size=2, progress=False)
+    assert [r["index"] for r in rows] == [7, 3] and all(r["tokens"] > 0 and r["kl_sum"] > 0 for r in rows)
+    metric = KLToReference()
+    for p in problems[:2]:
+        batch = collate_left([encode_solution(tokenizer, p, 1024)], tokenizer.pad_token_id)
+        with torch.no_grad():
+            metric.update(dense(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits,
+                          other(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits, batch["labels"])
+    mean = sum(r["kl_sum"] for r in rows) / sum(r["tokens"] for r in rows)
+    assert mean == pytest.approx(metric.compute().item(), rel=1e-4)
+    assert kl_to_reference(other, dense, tokenizer, problems, batch_size=1, progress=False) == pytest.approx(mean, rel=1e-4)
+    assert all(r["kl_sum"] == pytest.approx(0, abs=1e-6) for r in kl_per_problem(dense, dense, tokenizer, problems, progress=False))

@@ -18,13 +18,13 @@ from .data import Problem
 from .generation import DEFAULT_MAX_NEW_TOKENS, iter_generations
 from .metrics import (
     IGNORE_INDEX,
-    KLToReference,
     ReasoningAccuracy,
     TextPerplexity,
     answers_match,
     extract_answer,
     sequence_nll,
     summarise_nll,
+    token_kl,
 )
 from .prompts import build_prompt, collate_left, encode_solution
 
@@ -158,6 +158,41 @@ def evaluate_model(
 
 
 @torch.inference_mode()
+def kl_per_problem(
+    model: PreTrainedModel,
+    reference: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: Sequence[Problem],
+    batch_size: int = 4,
+    max_length: int = 1024,
+    progress: bool = True,
+) -> list[dict]:
+    """Teacher-forced KL(reference || model) summed over each problem's solution tokens (prompt masked).
+
+    One dict per scored problem (`index`, `kl_sum`, `tokens`), so that benchmarks can resample whole
+    questions for intervals; problems without a solution are skipped.
+    """
+    if model.config.vocab_size != reference.config.vocab_size:
+        raise ValueError(
+            f"reference model: its vocabulary ({reference.config.vocab_size}) differs from the model's "
+            f"({model.config.vocab_size}); KL needs the same tokenizer"
+        )
+    device, reference_device = next(model.parameters()).device, next(reference.parameters()).device
+    scored = [p for p in problems if p.solution is not None]
+    rows: list[dict] = []
+    for start in tqdm(range(0, len(scored), batch_size), desc="KL to reference", unit="batch", disable=not progress):
+        chunk = scored[start : start + batch_size]
+        batch = collate_left([encode_solution(tokenizer, p, max_length) for p in chunk], tokenizer.pad_token_id)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        labels = batch["labels"].to(device)
+        expected = reference(**{k: v.to(reference_device) for k, v in inputs.items()}).logits.to(device)
+        kl = token_kl(expected, model(**{k: v.to(device) for k, v in inputs.items()}).logits, labels).double()
+        counts = (labels[:, 1:] != IGNORE_INDEX).sum(1).tolist()  # token_kl's values, row by row
+        for problem, part, count in zip(chunk, kl.split(counts), counts):
+            rows.append({"index": problem.index, "kl_sum": part.sum().item(), "tokens": count})
+    return rows
+
+
 def kl_to_reference(
     model: PreTrainedModel,
     reference: PreTrainedModel,
@@ -172,18 +207,6 @@ def kl_to_reference(
     Pass the reference's own answers as solutions (`traces.as_problems`) to measure fidelity on what
     the dense model would write, or gold problems for the data set's text. None when nothing is scored.
     """
-    if model.config.vocab_size != reference.config.vocab_size:
-        raise ValueError(
-            f"reference model: its vocabulary ({reference.config.vocab_size}) differs from the model's "
-            f"({model.config.vocab_size}); KL needs the same tokenizer"
-        )
-    metric = KLToReference()
-    device, reference_device = next(model.parameters()).device, next(reference.parameters()).device
-    scored = [p for p in problems if p.solution is not None]
-    for start in tqdm(range(0, len(scored), batch_size), desc="KL to reference", unit="batch", disable=not progress):
-        chunk = scored[start : start + batch_size]
-        batch = collate_left([encode_solution(tokenizer, p, max_length) for p in chunk], tokenizer.pad_token_id)
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        expected = reference(**{k: v.to(reference_device) for k, v in inputs.items()}).logits.to(device)
-        metric.update(expected, model(**{k: v.to(device) for k, v in inputs.items()}).logits, batch["labels"].to(device))
-    return _number(metric.compute()) if metric.tokens > 0 else None
+    rows = kl_per_problem(model, reference, tokenizer, problems, batch_size, max_length, progress)
+    tokens = sum(r["tokens"] for r in rows)
+    return sum(r["kl_sum"] for r in rows) / tokens if tokens else None
