@@ -49,8 +49,9 @@ def paired_gap(a: list[bool], b: list[bool], seed: int = 0) -> tuple[float, floa
     return (sum(diffs) / len(diffs), *_bootstrap(len(diffs), lambda idx: sum(diffs[i] for i in idx) / len(idx), seed))
 
 
-def _pooled(nll: dict[str, list[float]], idx: list[int]) -> float:
-    return sum(nll["cot_nll_sum"][i] for i in idx) / sum(nll["cot_tokens"][i] for i in idx)
+def _pooled(columns: dict[str, list[float]], idx: list[int], total: str = "cot_nll_sum", count: str = "cot_tokens") -> float:
+    """A per-token mean (NLL, KL) over the questions `idx`: their summed totals over their summed tokens."""
+    return sum(columns[total][i] for i in idx) / sum(columns[count][i] for i in idx)
 
 
 def nll_interval(nll: dict[str, list[float]], seed: int = 0) -> tuple[float, float]:
@@ -58,13 +59,20 @@ def nll_interval(nll: dict[str, list[float]], seed: int = 0) -> tuple[float, flo
     return _bootstrap(len(nll["cot_tokens"]), lambda idx: _pooled(nll, idx), seed)
 
 
-def paired_nll_gap(a: dict[str, list[float]], b: dict[str, list[float]], seed: int = 0) -> tuple[float, float, float]:
-    """NLL(a) - NLL(b) on the same questions, with its 95 % paired-bootstrap interval."""
-    n = len(a["cot_tokens"])
-    if n != len(b["cot_tokens"]) or not n:
-        raise ValueError("paired_nll_gap needs per-question NLL of the same, non-empty question list")
+def paired_nll_gap(
+    a: dict[str, list[float]], b: dict[str, list[float]], seed: int = 0, total: str = "cot_nll_sum", count: str = "cot_tokens"
+) -> tuple[float, float, float]:
+    """NLL(a) - NLL(b) (or another per-token mean: `total` / `count` columns, e.g. KL) on the same questions,
+    with its 95 % paired-bootstrap interval."""
+    n = len(a[count])
+    if n != len(b[count]) or not n:
+        raise ValueError("paired_nll_gap needs per-question values of the same, non-empty question list")
     every = list(range(n))
-    return (_pooled(a, every) - _pooled(b, every), *_bootstrap(n, lambda idx: _pooled(a, idx) - _pooled(b, idx), seed))
+
+    def gap(idx: list[int]) -> float:
+        return _pooled(a, idx, total, count) - _pooled(b, idx, total, count)
+
+    return (gap(every), *_bootstrap(n, gap, seed))
 
 
 def method_name(row: dict) -> str:
@@ -325,6 +333,48 @@ def diagnostics_section(row: dict) -> list[str]:
     return lines + [""]
 
 
+def _gap_cell(value: float, gap: tuple[float, float, float]) -> str:
+    return f"{value:.3f} ({gap[0]:+.3f} [{gap[1]:+.3f}, {gap[2]:+.3f}])"
+
+
+def calibration_source_section(rows: list[dict]) -> list[str]:
+    """Rows calibrated on gold solutions and on the dense model's own traces, paired question by question:
+    CoT NLL of the gold solutions and KL(dense || pruned) on the dense model's answers and on gold text."""
+    by_source: dict[tuple[str, int, int], dict[str, dict]] = defaultdict(dict)
+    for row in rows:
+        limit, size, source = _measured_on(row)
+        if row.get("gsm8k_kl") and "gsm8k_nll" in row:
+            by_source[(row["row_id"], limit, size)][source] = row
+    pairs = {key: s for key, s in by_source.items() if {"gold", "self"} <= set(s)}
+    if not pairs:
+        return []
+    out = [
+        "## Calibration source: gold solutions vs the dense model's own traces",
+        "",
+        "Each cell: the row calibrated on `self` traces, and in brackets its paired gap to the same row calibrated on "
+        "`gold` solutions (95 % bootstrap over questions; negative = `self` is closer / lower). Same questions, "
+        "calibration size, seed and sequence length; teacher-forced, no generation.",
+        "",
+        "| model | allocation | sparsity | method | questions | calibration | CoT NLL gold: gold-cal | self-cal "
+        "| KL dense answers: gold-cal | self-cal | KL gold text: gold-cal | self-cal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (_, limit, size), pair in sorted(pairs.items(), key=lambda item: (item[1]["gold"]["row"]["model"],
+                                                                           item[1]["gold"]["row"]["sparsity"], item[0][0])):
+        gold, own = pair["gold"], pair["self"]
+        cells = [f"{gold['gsm8k']['cot_nll']:.3f}", _gap_cell(own["gsm8k"]["cot_nll"], paired_nll_gap(own["gsm8k_nll"], gold["gsm8k_nll"]))]
+        for name in ("kl_to_dense", "kl_to_dense_gold"):
+            a, b = own["gsm8k_kl"][name], gold["gsm8k_kl"][name]
+            if a["index"] != b["index"]:
+                cells += [f"{gold['gsm8k'][name]:.3f}", f"{own['gsm8k'][name]:.3f} (other questions)"]
+                continue
+            cells += [f"{gold['gsm8k'][name]:.3f}", _gap_cell(own["gsm8k"][name], paired_nll_gap(a, b, total="kl_sum", count="tokens"))]
+        meta = gold["row"]
+        out.append(f"| {meta['model']} | {meta['allocation']} | {meta['sparsity']:.0%} | {method_name(gold)} | {limit} | {size} | "
+                   + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def merge_nll_twins(group: list[dict]) -> dict:
     """One measurement of a row from its copies: the row run with generation, with CoT NLL from its NLL-only
     twin if it lacks per-question NLL, or the NLL-only row where no full row exists (NLL is the same
@@ -335,6 +385,10 @@ def merge_nll_twins(group: list[dict]) -> dict:
     if "gsm8k_nll" not in row and nll:
         cot = {k: v for k, v in nll[0]["gsm8k"].items() if k.startswith("cot_")}
         row.update(gsm8k={**row["gsm8k"], **cot}, gsm8k_nll=nll[0]["gsm8k_nll"])
+    twin = next((r for r in nll if r.get("gsm8k_kl")), None)
+    if not row.get("gsm8k_kl") and twin is not None:  # KL to dense, measured by an NLL-only twin
+        kl = {k: v for k, v in twin["gsm8k"].items() if k.startswith("kl_")}
+        row.update(gsm8k={**row["gsm8k"], **kl}, gsm8k_kl=twin["gsm8k_kl"])
     return row
 
 
@@ -572,6 +626,7 @@ def render() -> Path:
         lines += [f"![{alt}](results/{p.name})" for alt, p in figures if p]
         lines.append("")
         lines += calibration_section(rows)
+        lines += calibration_source_section(rows)
     for row in load_rows("diagnostics"):
         lines += diagnostics_section(row)
     if peer := peer_rows():

@@ -215,3 +215,19 @@ def test_a_row_counts_as_done_only_when_measured_with_the_same_settings(bench_en
     common.write_row(settings.stage, row, {"settings": vars(settings)})
     assert oneshot.measured_with(settings.stage, row, settings)
     assert not oneshot.measured_with(settings.stage, row, Settings(gsm8k_limit=3, generate=False, seed=1))
+
+
+def test_gold_and_self_calibrated_rows_are_paired_with_intervals(bench_env, monkeypatch):
+    """The reasoning issue's one-shot comparison: the same row calibrated on gold text and on dense traces."""
+    monkeypatch.setenv("RKU_CACHE", str(bench_env / "cache"))
+    base = dict(calib_samples=2, calib_max_length=700, gsm8k_limit=3, max_new_tokens=4, batch_size=2, generate=False)
+    row = Row("tiny", "rku", allocation="uniform", sparsity=0.3)
+    for source in ("gold", "self"):
+        settings = Settings(**base, calib_source=source)
+        record = run_row(row, settings)
+        assert set(record["gsm8k_kl"]) == {"kl_to_dense", "kl_to_dense_gold"} and record["gsm8k"]["kl_to_dense"] > 0
+        common.write_row(settings.stage, row.row_id, record)
+    text = render.render().read_text()
+    section = text.split("## Calibration source", 1)[1].split("\n## ", 1)[0]
+    line = next(x for x in section.splitlines() if x.startswith("| tiny | uniform | 30% | rku | 3 | 2 |"))
+    assert len(re.findall(r"\d+\.\d{3} \([+-]\d+\.\d{3} \[[+-]\d+\.\d{3}, [+-]\d+\.\d{3}\]\)", line)) == 3, line
