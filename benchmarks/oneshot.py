@@ -292,12 +292,13 @@ LEGACY_SETTINGS = {"calib_source": "gold", "kl": False, "device": "auto"}
 
 
 def measured_with(stage: str, row_id: str, settings: Settings) -> bool:
-    """Whether the row exists and was measured with exactly these settings (a row measured otherwise,
-    e.g. before KL to dense existed, is measured again and replaced)."""
+    """Whether the row exists and was measured with these settings (a row measured otherwise, e.g. before
+    KL to dense existed, is measured again and replaced). The thread count changes speed, not results."""
     path = row_path(stage, row_id)
     if not path.is_file():
         return False
-    return {**LEGACY_SETTINGS, **json.loads(path.read_text())["settings"]} == asdict(settings)
+    recorded = {**LEGACY_SETTINGS, **json.loads(path.read_text())["settings"]}
+    return {**recorded, "threads": settings.threads} == asdict(settings)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

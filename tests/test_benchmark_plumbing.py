@@ -215,6 +215,7 @@ def test_a_row_counts_as_done_only_when_measured_with_the_same_settings(bench_en
     common.write_row(settings.stage, row, {"settings": vars(settings)})
     assert oneshot.measured_with(settings.stage, row, settings)
     assert not oneshot.measured_with(settings.stage, row, Settings(gsm8k_limit=3, generate=False, seed=1))
+    assert oneshot.measured_with(settings.stage, row, Settings(gsm8k_limit=3, generate=False, threads=2))
 
 
 def test_gold_and_self_calibrated_rows_are_paired_with_intervals(bench_env, monkeypatch):
