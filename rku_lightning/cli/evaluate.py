@@ -147,10 +147,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         traces, trace_record = cached_traces(reference, tokenizer, problems.problems, args.max_new_tokens, args.batch_size,
                                              progress=progress)
         result["metrics"]["kl_to_reference"] = kl_to_reference(
-            model, reference, tokenizer, as_problems(traces), args.batch_size, args.max_length, progress
+            model, reference, tokenizer, as_problems(traces), batch_size=args.batch_size, max_length=args.max_length, progress=progress
         )
         result["metrics"]["kl_to_reference_gold"] = kl_to_reference(
-            model, reference, tokenizer, [p for p in problems if p.solution], args.batch_size, args.max_length, progress
+            model, reference, tokenizer, [p for p in problems if p.solution], batch_size=args.batch_size, max_length=args.max_length,
+            progress=progress,
         )
     predictions_path = _predictions_path(args.json)
     report = {

@@ -194,19 +194,14 @@ def kl_per_problem(
 
 
 def kl_to_reference(
-    model: PreTrainedModel,
-    reference: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    problems: Sequence[Problem],
-    batch_size: int = 4,
-    max_length: int = 1024,
-    progress: bool = True,
+    model: PreTrainedModel, reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem], **options
 ) -> float | None:
-    """Teacher-forced mean KL(reference || model) per token over the problems' solutions (prompt masked).
+    """Teacher-forced mean KL(reference || model) per token over the problems' solutions (prompt masked);
+    `options` are `kl_per_problem`'s.
 
     Pass the reference's own answers as solutions (`traces.as_problems`) to measure fidelity on what
     the dense model would write, or gold problems for the data set's text. None when nothing is scored.
     """
-    rows = kl_per_problem(model, reference, tokenizer, problems, batch_size, max_length, progress)
+    rows = kl_per_problem(model, reference, tokenizer, problems, **options)
     tokens = sum(r["tokens"] for r in rows)
     return sum(r["kl_sum"] for r in rows) / tokens if tokens else None
