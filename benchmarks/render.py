@@ -112,8 +112,13 @@ def _gaps(row: dict, reference: dict | None) -> tuple[str, str]:
 
 def _nll_gap(row: dict, reference: dict) -> str:
     """`row`'s CoT NLL minus `reference`'s on the same questions, with its paired interval."""
-    mean, low, high = paired_nll_gap(row["gsm8k_nll"], reference["gsm8k_nll"])
-    return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+    return _format_gap(paired_nll_gap(row["gsm8k_nll"], reference["gsm8k_nll"]))
+
+
+def _format_gap(gap: tuple[float, float, float], digits: int = 2) -> str:
+    """A paired gap and its interval, signed: `+0.12 [+0.05, +0.19]`."""
+    mean, low, high = gap
+    return f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
 
 
 def _measured_on(row: dict) -> tuple[int, int, str]:
@@ -334,7 +339,7 @@ def diagnostics_section(row: dict) -> list[str]:
 
 
 def _gap_cell(value: float, gap: tuple[float, float, float]) -> str:
-    return f"{value:.3f} ({gap[0]:+.3f} [{gap[1]:+.3f}, {gap[2]:+.3f}])"
+    return f"{value:.3f} ({_format_gap(gap, 3)})"
 
 
 def calibration_source_section(rows: list[dict]) -> list[str]:
