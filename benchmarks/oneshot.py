@@ -92,6 +92,8 @@ class Settings:
             base += f"_q{self.gsm8k_limit}"
         if self.calib_samples != Settings.calib_samples:
             base += f"_c{self.calib_samples}"
+        if self.max_new_tokens != Settings.max_new_tokens:
+            base += f"_t{self.max_new_tokens}"
         if self.calib_source != Settings.calib_source:
             base += f"_{self.calib_source}"
         return base
@@ -143,6 +145,8 @@ def grid(models: list[str], sparsities: list[float], allocations: list[str]) -> 
 
 def _stats_path(model: str, objective: str, settings: Settings) -> Path:
     source = "" if settings.calib_source == "gold" else f"-{settings.calib_source}"
+    if settings.calib_source != "gold" and settings.max_new_tokens != Settings.max_new_tokens:
+        source += f"-T{settings.max_new_tokens}"  # generated traces end at the answer cap
     tag = f"{model}-{objective}-n{settings.calib_samples}-L{settings.calib_max_length}-s{settings.seed}{source}"
     return WORK / "stats" / f"{tag}.pt"
 

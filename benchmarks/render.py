@@ -121,11 +121,11 @@ def _format_gap(gap: tuple[float, float, float], digits: int = 2) -> str:
     return f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
 
 
-def _measured_on(row: dict) -> tuple[int, int, str]:
+def _measured_on(row: dict) -> tuple[int, int, str, int]:
     """What must match for two rows to share a table: GSM8K question count, calibration size and source
-    (rows from before calibration sources existed calibrated on gold solutions)."""
+    (rows from before calibration sources existed calibrated on gold solutions), and the answer cap."""
     settings = row["settings"]
-    return settings["gsm8k_limit"], settings["calib_samples"], settings.get("calib_source", "gold")
+    return settings["gsm8k_limit"], settings["calib_samples"], settings.get("calib_source", "gold"), settings["max_new_tokens"]
 
 
 def _main_calibration(rows: list[dict], model: str) -> list[dict]:
@@ -143,16 +143,18 @@ def oneshot_tables(rows: list[dict]) -> list[str]:
     for row in rows:
         if row["row"]["importance"] is None:
             # The dense model needs no calibration: it heads every table measured on its questions.
-            dense_of[(row["row"]["model"], _measured_on(row)[0])] = row
+            limit, _, _, tokens = _measured_on(row)
+            dense_of[(row["row"]["model"], limit, tokens)] = row
         else:
             groups[(row["row"]["model"], *_measured_on(row))].append(row)
-    for (model, limit, calibration, source), pruned in sorted(groups.items()):
-        dense = dense_of.get((model, limit))
+    for (model, limit, calibration, source, tokens), pruned in sorted(groups.items()):
+        dense = dense_of.get((model, limit, tokens))
         settings = pruned[0]["settings"]
         traces = "" if source == "gold" else f" (their {source}-generated traces)"
+        cap = "" if tokens == 256 else f", answers up to {tokens} tokens"
         out += [
             f"### {model}: one-shot pruning, no recovery, first {limit} GSM8K test questions, "
-            f"{calibration} calibration problems{traces}",
+            f"{calibration} calibration problems{traces}{cap}",
             "",
             f"GSM8K: first {limit} test questions, greedy, max {settings['max_new_tokens']} new tokens; "
             f"SVAMP: first {settings['svamp_limit']}; calibration: {settings['calib_samples']} GSM8K-train problems "
@@ -196,11 +198,11 @@ def oneshot_tables(rows: list[dict]) -> list[str]:
 def calibration_section(rows: list[dict]) -> list[str]:
     """Rows measured with several calibration sizes side by side, each size's NLL paired against the
     smallest: whether a finding is about the method or about too little calibration data."""
-    sizes_of: dict[tuple[str, int], dict[int, dict]] = defaultdict(dict)
+    sizes_of: dict[tuple[str, int, int], dict[int, dict]] = defaultdict(dict)
     for row in rows:
-        limit, size, source = _measured_on(row)
+        limit, size, source, tokens = _measured_on(row)
         if "gsm8k_nll" in row and source == "gold":  # the size comparison is about the same (gold) calibration text
-            sizes_of[(row["row_id"], limit)][size] = row
+            sizes_of[(row["row_id"], limit, tokens)][size] = row
     repeated = {key: by_size for key, by_size in sizes_of.items() if len(by_size) > 1}
     if not repeated:
         return []
@@ -216,11 +218,11 @@ def calibration_section(rows: list[dict]) -> list[str]:
         "|---|---|---|---|---|" + "---|" * len(sizes),
     ]
 
-    def order(item: tuple[tuple[str, int], dict[int, dict]]) -> tuple:
+    def order(item: tuple[tuple[str, int, int], dict[int, dict]]) -> tuple:
         meta = next(iter(item[1].values()))["row"]
         return meta["model"], item[0][1], meta["allocation"], meta["sparsity"], item[0][0]
 
-    for (_, limit), by_size in sorted(repeated.items(), key=order):
+    for (_, limit, _), by_size in sorted(repeated.items(), key=order):
         smallest = by_size[min(by_size)]
         cells = []
         for size in sizes:
@@ -345,11 +347,11 @@ def _gap_cell(value: float, gap: tuple[float, float, float]) -> str:
 def calibration_source_section(rows: list[dict]) -> list[str]:
     """Rows calibrated on gold solutions and on the dense model's own traces, paired question by question:
     CoT NLL of the gold solutions and KL(dense || pruned) on the dense model's answers and on gold text."""
-    by_source: dict[tuple[str, int, int], dict[str, dict]] = defaultdict(dict)
+    by_source: dict[tuple[str, int, int, int], dict[str, dict]] = defaultdict(dict)
     for row in rows:
-        limit, size, source = _measured_on(row)
+        limit, size, source, tokens = _measured_on(row)
         if row.get("gsm8k_kl") and "gsm8k_nll" in row:
-            by_source[(row["row_id"], limit, size)][source] = row
+            by_source[(row["row_id"], limit, size, tokens)][source] = row
     pairs = {key: s for key, s in by_source.items() if {"gold", "self"} <= set(s)}
     if not pairs:
         return []
@@ -364,7 +366,7 @@ def calibration_source_section(rows: list[dict]) -> list[str]:
         "| KL dense answers: gold-cal | self-cal | KL gold text: gold-cal | self-cal |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (_, limit, size), pair in sorted(pairs.items(), key=lambda item: (item[1]["gold"]["row"]["model"],
+    for (_, limit, size, _), pair in sorted(pairs.items(), key=lambda item: (item[1]["gold"]["row"]["model"],
                                                                            item[1]["gold"]["row"]["sparsity"], item[0][0])):
         gold, own = pair["gold"], pair["self"]
         cells = [f"{gold['gsm8k']['cot_nll']:.3f}", _gap_cell(own["gsm8k"]["cot_nll"], paired_nll_gap(own["gsm8k_nll"], gold["gsm8k_nll"]))]
