@@ -154,6 +154,7 @@ def shared_data() -> Path:
 @pytest.fixture
 def bench_env(tmp_path, monkeypatch, shared_data) -> Path:
     """Benchmark rows on a saved tiny Qwen2 model (`tiny`), with results and scratch in `tmp_path`."""
+    import benchmarks.answers as answers
     import benchmarks.common as common
     import benchmarks.oneshot as oneshot
     import benchmarks.render as render
@@ -165,5 +166,6 @@ def bench_env(tmp_path, monkeypatch, shared_data) -> Path:
     monkeypatch.setattr(oneshot, "WORK", tmp_path / "work")
     monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(render, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(answers, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(render, "RESULTS_MD", tmp_path / "RESULTS.md")
     return tmp_path

@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+import benchmarks.answers as answers_module
 import benchmarks.common as common
 import benchmarks.oneshot as oneshot
 import benchmarks.render as render
@@ -78,6 +79,11 @@ def test_settings_survive_the_command_line_and_nll_only_rows_skip_generation(ben
     assert settings.stage == "oneshot_nll_q2_c2" and Settings().stage == "oneshot"
     assert Settings(generate=False).stage == "oneshot_nll" and Settings(gsm8k_limit=200).stage == "oneshot_q200"
     assert Settings(calib_samples=64, generate=False).stage == "oneshot_nll_c64"
+    # Another answer cap is another measurement: its own folder, and self traces of its own length.
+    assert Settings(max_new_tokens=512, calib_source="self").stage == "oneshot_t512_self"
+    paths = {oneshot._stats_path("m", "ce", Settings(max_new_tokens=n, calib_source=src)).name
+             for n in (256, 512) for src in ("gold", "self")}
+    assert paths == {"m-ce-n16-L256-s0.pt", "m-ce-n16-L256-s0-self.pt", "m-ce-n16-L256-s0-self-T512.pt"}
     record = run_row(Row("tiny", "magnitude", sparsity=0.3), settings)
     assert record["gsm8k"]["cot_nll"] > 0 and "accuracy" not in record["gsm8k"]
     assert record["gsm8k_correct"] == [] and record["svamp"] == {}
@@ -232,3 +238,20 @@ def test_gold_and_self_calibrated_rows_are_paired_with_intervals(bench_env, monk
     section = text.split("## Calibration source", 1)[1].split("\n## ", 1)[0]
     line = next(x for x in section.splitlines() if x.startswith("| tiny | uniform | 30% | rku | 3 | 2 |"))
     assert len(re.findall(r"\d+\.\d{3} \([+-]\d+\.\d{3} \[[+-]\d+\.\d{3}, [+-]\d+\.\d{3}\]\)", line)) == 3, line
+
+
+def test_answer_diagnosis_counts_cut_answers_and_wrong_steps(bench_env):
+    """`Why the answers are wrong`: cut answers, accuracy of the finished ones, arithmetic of the written steps."""
+    folder = bench_env / "results" / "oneshot_t8"
+    folder.mkdir(parents=True)
+    (folder / "tiny-rku-uniform-20.json").write_text(json.dumps(
+        {"row_id": "tiny-rku-uniform-20", "settings": {"max_new_tokens": 8}, "report": {"sparsity": 0.2}}))
+    answers = [("2 + 2 = 4 #### 4", 5, True), ("3 * 3 = 10 #### 10", 6, False), ("1 + 1 = 2 and 2 + 5 = 7 and", 8, False)]
+    lines = [{"set": "gsm8k", "prediction": text, "generated_tokens": tokens, "correct": correct} for text, tokens, correct in answers]
+    lines.append({"set": "gsm8k", "index": 9, "cot_nll_sum": 1.0})  # a scored-only entry: no answer to diagnose
+    (folder / "tiny-rku-uniform-20.predictions.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
+    (found,) = answers_module.answer_sets()
+    assert (found.label, found.cap, found.correct, found.cut) == ("tiny-rku-uniform-20 (t8)", 8, [True, False, False], [False, False, True])
+    assert (found.steps, found.steps_right) == ([1, 1, 2], [1, 0, 2])
+    line = next(x for x in render.answers_section([found]) if x.startswith("| tiny-rku-uniform-20 (t8) |"))
+    assert "| 1/3 [" in line and "| 1/2 [" in line and line.endswith("| 1.3 | — (4 steps) |"), line

@@ -79,16 +79,19 @@ def test_the_main_job_shrunk_on_the_embedded_model(tmp_path, monkeypatch, capsys
 
 def test_the_summary_counts_answers_and_refuses_a_run_without_pruning():
     dense = {"round": 0, "sparsity": 0.0, "params": 100, "kv_cache_bytes_per_token": 64,
-             "metrics": {"val/gsm8k_acc": 0.5, "val/ood_acc": 0.25, "val/kl_to_dense": 0.0}}
+             "metrics": {"val/gsm8k_acc": 0.5, "val/gsm8k_truncated": 0.25, "val/ood_acc": 0.25, "val/kl_to_dense": 0.0}}
     pruned = {"round": 1, "sparsity": 0.2, "params": 80, "kv_cache_bytes_per_token": 48,
-              "metrics": {"val/gsm8k_acc": 0.25, "val/ood_acc": 0.25, "val/kl_to_dense": 0.1}}
+              "metrics": {"val/gsm8k_acc": 0.25, "val/gsm8k_truncated": 0.75, "val/ood_acc": 0.25, "val/ood_truncated": float("nan"),
+                          "val/kl_to_dense": 0.1}}
     speed = {"dense": {"median": 10.0, "runs": [10.0, 9.0, 11.0]}, "pruned": {"median": 12.5, "runs": [12.5, 9.9, 15.4]},
              "settings": {"repeats": 3}}
     summary = summarize([pruned, dense], {"val/gsm8k_acc": ("gsm8k", 8), "val/ood_acc": ("svamp", 4)}, speed, 75.0, "out/model", "out")
-    assert summary["accuracy"] == {"gsm8k": {"questions": 8, "dense": 4, "pruned": 2}, "svamp": {"questions": 4, "dense": 1, "pruned": 1}}
+    assert summary["accuracy"] == {"gsm8k": {"questions": 8, "dense": 4, "pruned": 2, "cut": 6, "cut_dense": 2},
+                                   "svamp": {"questions": 4, "dense": 1, "pruned": 1, "cut": None, "cut_dense": None}}
     assert summary["decode"]["speedup"] == pytest.approx(1.25) and summary["kl_to_dense"] == {0: 0.0, 1: 0.1}
     text = format_summary(summary)
     assert summary["decode"]["pair_speedups"] == pytest.approx([1.25, 1.1, 1.4])
-    assert "gsm8k: 2/8 correct (dense 4/8)" in text and "1.25x" in text and "3 interleaved pairs 1.10-1.40x" in text and "1 min 15 s" in text and "100 -> 80" not in text
+    assert "gsm8k: 2/8 correct (dense 4/8); 6 cut at the token cap (dense 2)" in text and "svamp: 1/4 correct (dense 1/4)\n" in text
+    assert "1.25x" in text and "3 interleaved pairs 1.10-1.40x" in text and "1 min 15 s" in text and "100 -> 80" not in text
     with pytest.raises(ValueError, match="pruned nothing"):
         summarize([dense], {}, None, 1.0, None, None)

@@ -97,6 +97,16 @@ def test_accuracy_without_token_counts_reports_nan_length() -> None:
     metric = ReasoningAccuracy()
     metric.update(["#### 1"], [1])
     assert math.isnan(metric.compute()["mean_tokens"].item())
+    assert math.isnan(metric.compute()["truncated_rate"].item())
+
+
+def test_accuracy_counts_answers_cut_at_the_cap() -> None:
+    metric = ReasoningAccuracy(max_new_tokens=8)
+    metric.update(["#### 18", "First, 3 + 4 = 7 and then"], [18, 9], num_tokens=[5, 8])
+    metric.update(["#### 2"], [2], num_tokens=[9])  # over the cap (a stop string ended it late): cut too
+    result = metric.compute()
+    assert result["truncated"] == 2 and result["truncated_rate"].item() == pytest.approx(2 / 3)
+    assert math.isnan(ReasoningAccuracy().compute()["truncated_rate"].item())  # no cap: not counted
 
 
 def test_accuracy_rejects_bad_input() -> None:

@@ -101,7 +101,8 @@ def test_train_py_end_to_end(tmp_path, accelerator, importance):
     assert rounds[0]["sparsity"] == 0 and rounds[-1]["sparsity"] == pytest.approx(0.3, abs=0.03)
     for r in rounds:
         assert set(r["metrics"]) == {"val/gsm8k_acc", "val/cot_nll", "val/cot_nll_reasoning", "val/cot_nll_other", "val/ood_acc",
-                                     "val/kl_to_dense", "val/kl_to_dense_gold"}
+                                     "val/kl_to_dense", "val/kl_to_dense_gold", "val/gsm8k_truncated", "val/ood_truncated"}
+        assert all(0 <= r["metrics"][f"val/{task}_truncated"] <= 1 for task in ("gsm8k", "ood"))
         assert r["params"] > 0 and r["kv_cache_bytes_per_token"] > 0
     # Fidelity to the dense model: none before pruning, some after.
     assert rounds[0]["metrics"]["val/kl_to_dense"] == pytest.approx(0, abs=1e-6)
@@ -177,6 +178,7 @@ def _validation_setup(tmp_path, generate: bool = True, datamodule_class=None):
 
 
 NLL_METRICS = {"val/cot_nll", "val/cot_nll_reasoning", "val/cot_nll_other", "val/kl_to_dense", "val/kl_to_dense_gold"}
+GSM8K_ANSWERS, OOD_ANSWERS = {"val/gsm8k_acc", "val/gsm8k_truncated"}, {"val/ood_acc", "val/ood_truncated"}
 
 
 @pytest.mark.parametrize("generate", [True, False])
@@ -188,7 +190,7 @@ def test_validation_without_generation_measures_nll_only(tmp_path, generate):
     """
     module, datamodule, trainer = _validation_setup(tmp_path, generate)
     results = trainer.validate(module, datamodule, verbose=True)
-    assert [set(result) for result in results] == ([NLL_METRICS | {"val/gsm8k_acc"}, {"val/ood_acc"}] if generate
+    assert [set(result) for result in results] == ([NLL_METRICS | GSM8K_ANSWERS, OOD_ANSWERS] if generate
                                                    else [NLL_METRICS, set()])
 
 
@@ -216,7 +218,7 @@ def test_validation_loaders_without_a_length_still_log_every_metric(tmp_path):
     sized = {k: v for result in trainer.validate(module, datamodule, verbose=False) for k, v in result.items()}
     _, unsized_data, trainer = _validation_setup(tmp_path / "unsized", datamodule_class=Unsized)
     unsized = trainer.validate(module, unsized_data, verbose=False)
-    assert set(sized) == NLL_METRICS | {"val/gsm8k_acc", "val/ood_acc"}
+    assert set(sized) == NLL_METRICS | GSM8K_ANSWERS | OOD_ANSWERS
     assert len(unsized) == 2 and all(result == pytest.approx(sized, rel=1e-5) for result in unsized)
 
 

@@ -119,7 +119,7 @@ def evaluate_model(
     metrics: dict[str, float | int | None] = {}
     predictions: list[dict] = []
     if generate:
-        accuracy = ReasoningAccuracy()
+        accuracy = ReasoningAccuracy(max_new_tokens)
         prompts = [build_prompt(tokenizer, p.question, exemplars) for p in problems]
         started, done = time.perf_counter(), 0
         for texts, lengths in iter_generations(model, tokenizer, prompts, batch_size, max_new_tokens, progress):

@@ -107,16 +107,19 @@ class ReasoningAccuracy(Metric):
     """Share of generations whose extracted final answer equals the gold number.
 
     Also counts generations with no extractable answer (format compliance) and their mean length, in
-    characters always and in tokens when the caller passes token counts.
+    characters always and in tokens when the caller passes token counts. With `max_new_tokens` and token
+    counts it counts the generations cut at that cap: a truncated answer is scored wrong whatever its
+    reasoning, so a high `truncated_rate` says the budget, not the model, decided those questions.
     """
 
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, max_new_tokens: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        for name in ("correct", "total", "no_answer", "chars", "tokens", "counted_tokens"):
+        self.max_new_tokens = max_new_tokens
+        for name in ("correct", "total", "no_answer", "chars", "tokens", "counted_tokens", "truncated"):
             self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(
@@ -138,10 +141,13 @@ class ReasoningAccuracy(Metric):
         if num_tokens is not None:
             self.tokens += int(sum(num_tokens))
             self.counted_tokens += len(num_tokens)
+            if self.max_new_tokens is not None:
+                self.truncated += sum(int(n) >= self.max_new_tokens for n in num_tokens)
 
     def compute(self) -> dict[str, torch.Tensor]:
         total = self.total.clamp(min=1).float()
         counted = self.counted_tokens.float()
+        nan = torch.tensor(float("nan"))
         return {
             "accuracy": self.correct.float() / total,
             "correct": self.correct.clone(),
@@ -149,7 +155,9 @@ class ReasoningAccuracy(Metric):
             "no_answer": self.no_answer.clone(),
             "no_answer_rate": self.no_answer.float() / total,
             "mean_chars": self.chars.float() / total,
-            "mean_tokens": self.tokens.float() / counted if self.counted_tokens > 0 else torch.tensor(float("nan")),
+            "mean_tokens": self.tokens.float() / counted if self.counted_tokens > 0 else nan,
+            "truncated": self.truncated.clone(),
+            "truncated_rate": self.truncated.float() / counted if self.counted_tokens > 0 and self.max_new_tokens else nan,
         }
 
 

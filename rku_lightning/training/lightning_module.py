@@ -102,8 +102,8 @@ class CausalLMPruningModule(LightningModule):
             inject_lora(self.model, lora)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.gsm8k_accuracy = ReasoningAccuracy()
-        self.ood_accuracy = ReasoningAccuracy()
+        self.gsm8k_accuracy = ReasoningAccuracy(max_new_tokens)
+        self.ood_accuracy = ReasoningAccuracy(max_new_tokens)
         self.cot_nll = ChainOfThoughtNLL()
         self.kl_to_dense = KLToReference()
         self.kl_to_dense_gold = KLToReference()
@@ -217,11 +217,14 @@ class CausalLMPruningModule(LightningModule):
 
     def _set_values(self, in_distribution: bool) -> dict[str, torch.Tensor]:
         """The metrics of one validation set that saw batches since they were last reset."""
-        if not in_distribution:
-            return {"val/ood_acc": self.ood_accuracy.compute()["accuracy"]} if self.ood_accuracy.update_called else {}
+        accuracy, task = (self.gsm8k_accuracy, "gsm8k") if in_distribution else (self.ood_accuracy, "ood")
         values = {}
-        if self.gsm8k_accuracy.update_called:
-            values["val/gsm8k_acc"] = self.gsm8k_accuracy.compute()["accuracy"]
+        if accuracy.update_called:
+            # How often the answer budget, not the model, decided a question (see ReasoningAccuracy).
+            result = accuracy.compute()
+            values.update({f"val/{task}_acc": result["accuracy"], f"val/{task}_truncated": result["truncated_rate"]})
+        if not in_distribution:
+            return values
         if self.cot_nll.update_called:
             nll = self.cot_nll.compute()
             values.update({f"val/cot_{key}": nll[key] for key in ("nll", "nll_reasoning", "nll_other")})

@@ -28,6 +28,8 @@ METRIC_LABELS: dict[str, str] = {
     "val/cot_nll_reasoning": "CoT NLL reasoning",
     "val/cot_nll_other": "CoT NLL other",
     "val/ood_acc": "OOD acc",
+    "val/gsm8k_truncated": "GSM8K cut at cap",
+    "val/ood_truncated": "OOD cut at cap",
     "val/kl_to_dense": "KL to dense",
     "val/kl_to_dense_gold": "KL to dense (gold)",
 }

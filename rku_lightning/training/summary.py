@@ -37,7 +37,11 @@ def summarize(
         pruned = final.get("metrics", {}).get(metric)
         before = dense.get("metrics", {}).get(metric) if dense else None
         if pruned is not None:
-            accuracy[name] = {"questions": size, "dense": _count(before, size), "pruned": _count(pruned, size)}
+            # Answers cut at the token cap count as wrong: the summary says how many there were.
+            cut = metric.replace("_acc", "_truncated")
+            cut_dense = dense.get("metrics", {}).get(cut) if dense else None
+            accuracy[name] = {"questions": size, "dense": _count(before, size), "pruned": _count(pruned, size),
+                              "cut": _count(final["metrics"].get(cut), size), "cut_dense": _count(cut_dense, size)}
     speeds = None
     if speed is not None:
         # Each repetition times both models back to back: its ratio is the pair's, free of drift between pairs.
@@ -62,8 +66,8 @@ def summarize(
     }
 
 
-def _count(accuracy: float | None, size: int) -> int | None:
-    return None if accuracy is None else round(accuracy * size)
+def _count(rate: float | None, size: int) -> int | None:
+    return None if rate is None or rate != rate else round(rate * size)  # NaN: not measured
 
 
 def _millions(n: int | None) -> str:
@@ -83,7 +87,9 @@ def format_summary(summary: dict) -> str:
     )
     for name, acc in summary["accuracy"].items():
         dense = "?" if acc["dense"] is None else acc["dense"]
-        lines.append(f"  kept     {name}: {acc['pruned']}/{acc['questions']} correct (dense {dense}/{acc['questions']})")
+        cut = "" if acc.get("cut") is None else (
+            f"; {acc['cut']} cut at the token cap (dense {'?' if acc['cut_dense'] is None else acc['cut_dense']})")
+        lines.append(f"  kept     {name}: {acc['pruned']}/{acc['questions']} correct (dense {dense}/{acc['questions']}){cut}")
     if summary["kl_to_dense"]:
         last = max(summary["kl_to_dense"])
         lines.append(f"           KL to the dense model {summary['kl_to_dense'][last]:.3f} nats/token on its own answers")
