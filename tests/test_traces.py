@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -136,3 +137,43 @@ def test_current_calibration_source_regenerates_with_the_pruned_model(tmp_path):
     # The prompt part is the same question; only the generated answer differs.
     labelled = [(b["labels"] != -100).sum().item() for b in before]
     assert all(n > 0 for n in labelled)
+
+
+def test_learning_from_cut_text_warns_naming_the_option_to_raise(tmp_path):
+    """Traces stopped at trace_max_new_tokens have no final answer, and max_length can cut the end off solutions:
+    the data module says so (recovery on such text learns the opening prose, not the arithmetic and answer)."""
+    import lightning as L
+    from test_train_cli import write_config
+
+    from rku_lightning.evaluation.prompts import solution_lengths
+    from rku_lightning.training.datamodule import ReasoningDataModule
+    from rku_lightning.training.lightning_module import CausalLMPruningModule
+
+    write_config(tmp_path)
+    data = tmp_path / "data"
+    long = tmp_path / "long"
+    long.mkdir()
+    steps = "".join(f"{a} + 1 = {a + 1}\n" for a in range(24))
+    (long / "train.jsonl").write_text("\n".join(json.dumps({"question": f"Count to {12 + a}.", "answer": steps + f"#### {12 + a}"})
+                                                for a in range(4)) + "\n")
+    module = CausalLMPruningModule(pretrained=str(tmp_path / "tiny"), kl_to_dense=False)
+
+    def setup(train, **kwargs):
+        datamodule = ReasoningDataModule(train_data=str(train), val_data=str(data / "gsm8k"), ood_task=None, val_limit=2,
+                                         batch_size=2, reference_traces=False, trace_cache=str(tmp_path / "traces"), **kwargs)
+        datamodule.trainer = L.Trainer(accelerator="cpu", logger=False)
+        datamodule.trainer.strategy.connect(module)
+        datamodule.setup("fit")
+        return datamodule
+
+    with pytest.warns(UserWarning, match=r"train_source: 4 of 4 dense traces stopped at trace_max_new_tokens=1"):
+        setup(data / "gsm8k", train_source="self", trace_samples=4, trace_max_new_tokens=1, max_length=320)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # long enough: no warning
+        whole = setup(long, max_length=400)
+    longest = max(p + s for p, s in solution_lengths(whole.tokenizer, whole.train_problems))
+    prompt = max(p for p, _ in solution_lengths(whole.tokenizer, whole.train_problems))
+    assert longest - prompt > 100
+    with pytest.warns(UserWarning, match=rf"train_source='gold': max_length={longest - 40} cuts the end off 4 of 4 solutions "
+                                         rf"\(\d+% of their tokens, final answers included\); max_length={longest} keeps them whole"):
+        setup(long, max_length=longest - 40)

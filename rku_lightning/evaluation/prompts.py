@@ -134,6 +134,14 @@ def encode_solution(
     }
 
 
+def solution_lengths(tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem]) -> list[tuple[int, int]]:
+    """(prompt tokens, solution tokens) of each problem as `encode_solution` would lay it out (before its cut):
+    what a `max_length` keeps of the text a model learns from."""
+    prompts = [_prompt_ids(tokenizer, build_prompt(tokenizer, p.question)) for p in problems]
+    suffixes = tokenizer([gold_solution(p) for p in problems], add_special_tokens=False)["input_ids"]
+    return [(len(prompt), len(suffix) + 1) for prompt, suffix in zip(prompts, suffixes)]  # + the end-of-turn token
+
+
 _PAD_VALUES = {"attention_mask": 0, "labels": IGNORE_INDEX, "reasoning_mask": False}
 
 

@@ -36,7 +36,7 @@ from rku_lightning.checks import one_of, positive_int
 from rku_lightning.evaluation.calibration import calibration_batches, sample_problems
 from rku_lightning.evaluation.data import TASKS, Problem, Task, load_problems
 from rku_lightning.evaluation.generation import PromptDataset, collate_prompts
-from rku_lightning.evaluation.prompts import build_prompt, collate_left, encode_solution
+from rku_lightning.evaluation.prompts import build_prompt, collate_left, encode_solution, solution_lengths
 from rku_lightning.evaluation.traces import TRACE_FILTERS, Trace, TraceFilter, as_problems, cached_traces, generate_traces
 from rku_lightning.paths import shared_data_dir
 
@@ -265,10 +265,11 @@ class ReasoningDataModule(LightningDataModule):
                 self.calibration_problems = self._fits(list(calib), "calibration_data")
             if hp.calibration_source == "self":
                 chosen = sample_problems(self.calibration_problems, hp.calibration_samples, hp.seed)
-                self.calibration_problems = as_problems(self._dense_traces(chosen), hp.trace_keep)
+                self.calibration_problems = as_problems(self._dense_traces(chosen, "calibration_source"), hp.trace_keep)
             if hp.train_source == "self":
                 chosen = sample_problems(self.train_problems, hp.trace_samples, hp.seed)
-                self.train_problems = as_problems(self._dense_traces(chosen), hp.trace_keep)
+                self.train_problems = as_problems(self._dense_traces(chosen, "train_source"), hp.trace_keep)
+            self._warn_if_cut(self.train_problems, f"train_source={hp.train_source!r}")
         if stage in (None, "fit", "validate") and self.val_set is None:
             val = load_problems(self._source(hp.val_data, hp.val_task), hp.val_task, split=hp.val_split, limit=hp.val_limit)
             val_problems = self._fits(list(val), "val_data")
@@ -295,8 +296,23 @@ class ReasoningDataModule(LightningDataModule):
             model.to(trainer.strategy.root_device)  # setup runs before the strategy moves the model: generate there already
         return model, trainer
 
-    def _dense_traces(self, problems: Sequence[Problem]) -> list[Trace]:
-        """The dense model's cached traces for `problems` (each rank generates its shard on a miss)."""
+    def _warn_if_cut(self, problems: Sequence[Problem], field: str) -> None:
+        """Say when max_length cuts the solutions recovery learns from: the end is where the last steps and the
+        final answer are (Qwen2.5-Coder-0.5B's own GSM8K traces keep 35 % of their written steps in 256 tokens)."""
+        lengths = solution_lengths(self.tokenizer, problems)
+        limit = self.hparams.max_length
+        cut = [(prompt, solution) for prompt, solution in lengths if prompt + solution > limit]
+        lost = sum(prompt + solution - limit for prompt, solution in cut) / max(1, sum(solution for _, solution in lengths))
+        if lost > 0.01:  # a few long gold solutions losing their last tokens is not worth a warning
+            warnings.warn(
+                f"{field}: max_length={limit} cuts the end off {len(cut)} of {len(lengths)} solutions ({lost:.0%} of "
+                f"their tokens, final answers included); max_length={max(p + s for p, s in cut)} keeps them whole"
+            )
+
+    def _dense_traces(self, problems: Sequence[Problem], field: str | None = None) -> list[Trace]:
+        """The dense model's cached traces for `problems` (each rank generates its shard on a miss). Traces to
+        learn from (`field` names their option) get a warning when the trace cap stopped some before their
+        final answer; KL references may be prefixes on purpose."""
         model, trainer = self._generator()
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         traces, record = cached_traces(
@@ -304,6 +320,12 @@ class ReasoningDataModule(LightningDataModule):
             self.hparams.trace_cache, progress=rank == 0, rank=rank, world_size=world, gather=_gather_objects,
         )
         self.trace_records.append({k: v for k, v in record.items() if k != "key"})
+        cap = self.hparams.trace_max_new_tokens
+        if field is not None and (stopped := sum(t.tokens >= cap for t in traces)):
+            warnings.warn(
+                f"{field}: {stopped} of {len(traces)} dense traces stopped at trace_max_new_tokens={cap}, before their "
+                "final answer; raise trace_max_new_tokens (or keep only finished ones with trace_keep='correct')"
+            )
         return traces
 
     def _encode_train(self, problem: Problem) -> dict[str, torch.Tensor]:
