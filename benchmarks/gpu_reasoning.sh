@@ -4,12 +4,16 @@
 #   100 GSM8K + 100 SVAMP questions with KL to dense; then prune-and-recover to 40 % with
 #   {ce on gold, kd on self traces} x {rku, flap} and the recovery-only control. Every row saves as it
 #   finishes and a rerun skips finished rows, so an interrupted run loses only the rows in flight.
+# Answers may run to 512 new tokens and calibration / training windows hold 640 tokens: at 256 the dense model's
+# own answer is cut on 58 % of GSM8K questions, and a 256-token window keeps 35 % of its traces' written
+# steps (RESULTS.md, "Why the answers are wrong"), which would decide the gold-vs-self comparison by length.
 # Prepared on CPU; not yet run on a GPU (README, "Not measured yet").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RKU_CACHE="${RKU_CACHE:-$PWD/benchmarks/work/cache}"
 ONESHOT="--models qwen0.5b --allocations uniform --sparsities 0.2 0.3 0.4 --methods dense rku kinetic flap
-         --gsm8k-limit 100 --svamp-limit 100 --batch-size 100 --calib-samples 64 --threads 2 --jobs 4 --device cuda"
+         --gsm8k-limit 100 --svamp-limit 100 --batch-size 100 --calib-samples 64 --threads 2 --jobs 4 --device cuda
+         --max-new-tokens 512 --calib-max-length 640"
 python -m benchmarks.run oneshot $ONESHOT --calib-source gold &
 python -m benchmarks.run oneshot $ONESHOT --calib-source self &
 wait

@@ -60,10 +60,13 @@ PRESETS: dict[str, list[str]] = {
         "--model.recovery=kd", "--data.train_source=self", "--data.calibration_source=self",
         "--data.calibration_samples=16", "--data.trace_samples=64",
     ],
-    # One GPU (benchmarks/gpu_reasoning.sh): the config's budget (4 rounds to 40 %, 50 steps of 4 x 384
-    # tokens), uniform allocation, 100 + 100 validation questions in batches of 100.
+    # One GPU (benchmarks/gpu_reasoning.sh): the config's budget (4 rounds to 40 %, 50 steps of 4 sequences),
+    # uniform allocation, 100 + 100 validation questions in batches of 100; answers and traces up to 512
+    # tokens in 640-token windows, so that neither the cap nor the window decides gold vs self (RESULTS.md,
+    # "Why the answers are wrong").
     **{
-        f"gpu-{name}": ["--trainer.accelerator=gpu", "--data.eval_batch_size=100", "--pruning.allocation=uniform", *extra]
+        f"gpu-{name}": ["--trainer.accelerator=gpu", "--data.eval_batch_size=100", "--pruning.allocation=uniform",
+                        "--model.max_new_tokens=512", "--data.trace_max_new_tokens=512", "--data.max_length=640", *extra]
         for name, extra in {
             "ce-gold": [],
             "kd-self": ["--model.recovery=kd", "--data.train_source=self", "--data.calibration_source=self",
