@@ -269,7 +269,8 @@ def kl_to_dense(model, tokenizer, model_key: str, problems: list, settings: Sett
     for name, texts in (("kl_to_dense", as_problems(traces)), ("kl_to_dense_gold", problems)):
         rows = kl_per_problem(model, reference, tokenizer, texts, 2, progress=False)
         metrics[name] = sum(r["kl_sum"] for r in rows) / sum(r["tokens"] for r in rows)
-        metrics["kl_columns"][name] = {key: [r[key] for r in rows] for key in ("index", "kl_sum", "tokens")}
+        metrics[f"{name}_reasoning"] = sum(r["kl_sum_reasoning"] for r in rows) / max(1, sum(r["tokens_reasoning"] for r in rows))
+        metrics["kl_columns"][name] = {key: [r[key] for r in rows] for key in rows[0]}
     return metrics
 
 
@@ -296,14 +297,17 @@ LEGACY_SETTINGS = {"calib_source": "gold", "kl": False, "device": "auto"}
 
 
 def measured_with(stage: str, row_id: str, settings: Settings) -> bool:
-    """Whether the row exists and was measured with these settings (a row measured otherwise, e.g. before
-    KL to dense existed, is measured again and replaced). The thread count is not compared: it changes
+    """Whether the row exists and was measured with these settings and columns (a row measured otherwise, e.g.
+    before KL to dense or its split by token class existed, is measured again and replaced). The thread count is not compared: it changes
     speed and, through summation order, only the last digits (RKU calibration on 1 vs 2 threads: CoT NLL
     within 0.003 of each other at 20-40 %)."""
     path = row_path(stage, row_id)
     if not path.is_file():
         return False
-    recorded = {**LEGACY_SETTINGS, **json.loads(path.read_text())["settings"]}
+    record = json.loads(path.read_text())
+    if settings.kl and any("kl_sum_reasoning" not in columns for columns in record.get("gsm8k_kl", {}).values()):
+        return False  # measured before KL was split by token class
+    recorded = {**LEGACY_SETTINGS, **record["settings"]}
     return {**recorded, "threads": settings.threads} == asdict(settings)
 
 

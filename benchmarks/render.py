@@ -23,7 +23,7 @@ from rku_lightning.training.reporting import markdown_table  # noqa: E402
 
 from .answers import AnswerSet, answer_sets  # noqa: E402
 from .common import RESULTS, ROOT, load_rows  # noqa: E402
-from .oneshot import ATTENTION_SUFFIXES  # noqa: E402
+from .oneshot import ATTENTION_SUFFIXES, Settings  # noqa: E402
 
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 BOOTSTRAP = 2000
@@ -126,7 +126,9 @@ def _measured_on(row: dict) -> tuple[int, int, str, int]:
     """What must match for two rows to share a table: GSM8K question count, calibration size and source
     (rows from before calibration sources existed calibrated on gold solutions), and the answer cap."""
     settings = row["settings"]
-    return settings["gsm8k_limit"], settings["calib_samples"], settings.get("calib_source", "gold"), settings["max_new_tokens"]
+    # The cap only changes generated answers: a teacher-forced-only row belongs with the default-cap rows.
+    cap = settings["max_new_tokens"] if settings.get("generate", True) else Settings.max_new_tokens
+    return settings["gsm8k_limit"], settings["calib_samples"], settings.get("calib_source", "gold"), cap
 
 
 def _main_calibration(rows: list[dict], model: str) -> list[dict]:
@@ -140,16 +142,18 @@ def oneshot_tables(rows: list[dict]) -> list[str]:
     """One table per model, question count and calibration size; gaps are the row minus RKU on the same questions."""
     out: list[str] = []
     groups: dict[tuple[str, int, int], list[dict]] = defaultdict(list)
-    dense_of: dict[tuple[str, int], dict] = {}
+    dense_of: dict[tuple[str, int, int], dict] = {}
     for row in rows:
         if row["row"]["importance"] is None:
-            # The dense model needs no calibration: it heads every table measured on its questions.
+            # The dense model needs no calibration: it heads every table measured on its questions (with its
+            # answer cap where it was measured with it).
             limit, _, _, tokens = _measured_on(row)
             dense_of[(row["row"]["model"], limit, tokens)] = row
+            dense_of.setdefault((row["row"]["model"], limit, -1), row)
         else:
             groups[(row["row"]["model"], *_measured_on(row))].append(row)
     for (model, limit, calibration, source, tokens), pruned in sorted(groups.items()):
-        dense = dense_of.get((model, limit, tokens))
+        dense = dense_of.get((model, limit, tokens)) or dense_of.get((model, limit, -1))
         settings = pruned[0]["settings"]
         traces = "" if source == "gold" else f" (their {source}-generated traces)"
         cap = "" if tokens == 256 else f", answers up to {tokens} tokens"
@@ -199,11 +203,11 @@ def oneshot_tables(rows: list[dict]) -> list[str]:
 def calibration_section(rows: list[dict]) -> list[str]:
     """Rows measured with several calibration sizes side by side, each size's NLL paired against the
     smallest: whether a finding is about the method or about too little calibration data."""
-    sizes_of: dict[tuple[str, int, int], dict[int, dict]] = defaultdict(dict)
+    sizes_of: dict[tuple[str, int], dict[int, dict]] = defaultdict(dict)
     for row in rows:
-        limit, size, source, tokens = _measured_on(row)
+        limit, size, source, _ = _measured_on(row)  # the answer cap: no part of the CoT NLL of gold text
         if "gsm8k_nll" in row and source == "gold":  # the size comparison is about the same (gold) calibration text
-            sizes_of[(row["row_id"], limit, tokens)][size] = row
+            sizes_of[(row["row_id"], limit)][size] = row
     repeated = {key: by_size for key, by_size in sizes_of.items() if len(by_size) > 1}
     if not repeated:
         return []
@@ -219,11 +223,11 @@ def calibration_section(rows: list[dict]) -> list[str]:
         "|---|---|---|---|---|" + "---|" * len(sizes),
     ]
 
-    def order(item: tuple[tuple[str, int, int], dict[int, dict]]) -> tuple:
+    def order(item: tuple[tuple[str, int], dict[int, dict]]) -> tuple:
         meta = next(iter(item[1].values()))["row"]
         return meta["model"], item[0][1], meta["allocation"], meta["sparsity"], item[0][0]
 
-    for (_, limit, _), by_size in sorted(repeated.items(), key=order):
+    for (_, limit), by_size in sorted(repeated.items(), key=order):
         smallest = by_size[min(by_size)]
         cells = []
         for size in sizes:
@@ -364,8 +368,9 @@ def calibration_source_section(rows: list[dict]) -> list[str]:
         "calibration size, seed and sequence length; teacher-forced, no generation.",
         "",
         "| model | allocation | sparsity | method | questions | calibration | CoT NLL gold: gold-cal | self-cal "
-        "| KL dense answers: gold-cal | self-cal | KL gold text: gold-cal | self-cal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| KL dense answers: gold-cal | self-cal | KL gold text: gold-cal | self-cal "
+        "| KL dense answers, number tokens: gold-cal | self-cal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (_, limit, size, _), pair in sorted(pairs.items(), key=lambda item: (item[1]["gold"]["row"]["model"],
                                                                            item[1]["gold"]["row"]["sparsity"], item[0][0])):
@@ -377,6 +382,15 @@ def calibration_source_section(rows: list[dict]) -> list[str]:
                 cells += [f"{gold['gsm8k'][name]:.3f}", f"{own['gsm8k'][name]:.3f} (other questions)"]
                 continue
             cells += [f"{gold['gsm8k'][name]:.3f}", _gap_cell(own["gsm8k"][name], paired_nll_gap(a, b, total="kl_sum", count="tokens"))]
+        # The same KL on the reasoning tokens (numbers, operators) only: rows measured before the split have none.
+        a, b = own["gsm8k_kl"]["kl_to_dense"], gold["gsm8k_kl"]["kl_to_dense"]
+        scored = "tokens_reasoning" in a and "tokens_reasoning" in b and a["index"] == b["index"]
+        # An interval needs reasoning tokens in most answers (a resample of none has no mean).
+        if scored and sum(n > 0 for n in a["tokens_reasoning"]) * 2 > len(a["index"]):
+            cells += [f"{gold['gsm8k']['kl_to_dense_reasoning']:.3f}", _gap_cell(
+                own["gsm8k"]["kl_to_dense_reasoning"], paired_nll_gap(a, b, total="kl_sum_reasoning", count="tokens_reasoning"))]
+        else:
+            cells += ["—", "—"]
         meta = gold["row"]
         out.append(f"| {meta['model']} | {meta['allocation']} | {meta['sparsity']:.0%} | {method_name(gold)} | {limit} | {size} | "
                    + " | ".join(cells) + " |")

@@ -220,6 +220,12 @@ def test_a_row_counts_as_done_only_when_measured_with_the_same_settings(bench_en
     assert not oneshot.measured_with(settings.stage, row, settings)  # kl=True now: measure again
     common.write_row(settings.stage, row, {"settings": vars(settings)})
     assert oneshot.measured_with(settings.stage, row, settings)
+    before_split = {"kl_to_dense": {"index": [0], "kl_sum": [1.0], "tokens": [4]}}
+    common.write_row(settings.stage, row, {"settings": vars(settings), "gsm8k_kl": before_split})
+    assert not oneshot.measured_with(settings.stage, row, settings)  # KL without its token-class split: measure again
+    split = {"kl_to_dense": {**before_split["kl_to_dense"], "kl_sum_reasoning": [0.5], "tokens_reasoning": [2]}}
+    common.write_row(settings.stage, row, {"settings": vars(settings), "gsm8k_kl": split})
+    assert oneshot.measured_with(settings.stage, row, settings)
     assert not oneshot.measured_with(settings.stage, row, Settings(gsm8k_limit=3, generate=False, seed=1))
     assert oneshot.measured_with(settings.stage, row, Settings(gsm8k_limit=3, generate=False, threads=2))
 

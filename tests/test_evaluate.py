@@ -236,13 +236,17 @@ def test_kl_per_problem_splits_the_mean_by_question(tmp_path) -> None:
                 Problem("No worked solution here.", None, 1.0, 9)]
     rows = kl_per_problem(other, dense, tokenizer, problems, batch_size=2, progress=False)
     assert [r["index"] for r in rows] == [7, 3] and all(r["tokens"] > 0 and r["kl_sum"] > 0 for r in rows)
-    metric = KLToReference()
+    metric, reasoning = KLToReference(), KLToReference()
     for p in problems[:2]:
         batch = collate_left([encode_solution(tokenizer, p, 1024)], tokenizer.pad_token_id)
         with torch.no_grad():
-            metric.update(dense(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits,
-                          other(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits, batch["labels"])
+            logits = [m(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits for m in (dense, other)]
+        metric.update(*logits, batch["labels"])
+        reasoning.update(*logits, batch["labels"].masked_fill(~batch["reasoning_mask"], -100))  # numbers and operators only
     mean = sum(r["kl_sum"] for r in rows) / sum(r["tokens"] for r in rows)
     assert mean == pytest.approx(metric.compute().item(), rel=1e-4)
+    assert 0 < sum(r["tokens_reasoning"] for r in rows) < sum(r["tokens"] for r in rows)
+    assert sum(r["kl_sum_reasoning"] for r in rows) / sum(r["tokens_reasoning"] for r in rows) == pytest.approx(
+        reasoning.compute().item(), rel=1e-4)
     assert kl_to_reference(other, dense, tokenizer, problems, batch_size=1, progress=False) == pytest.approx(mean, rel=1e-4)
     assert all(r["kl_sum"] == pytest.approx(0, abs=1e-6) for r in kl_per_problem(dense, dense, tokenizer, problems, progress=False))

@@ -169,8 +169,10 @@ def kl_per_problem(
 ) -> list[dict]:
     """Teacher-forced KL(reference || model) summed over each problem's solution tokens (prompt masked).
 
-    One dict per scored problem (`index`, `kl_sum`, `tokens`), so that benchmarks can resample whole
-    questions for intervals; problems without a solution are skipped.
+    One dict per scored problem (`index`, `kl_sum`, `tokens`, and the same over the reasoning tokens only,
+    `kl_sum_reasoning`, `tokens_reasoning`: numbers and operators, as the CoT NLL split counts them), so
+    that benchmarks can resample whole questions for intervals and tell a model that drifted on the
+    arithmetic from one that drifted on the prose; problems without a solution are skipped.
     """
     if model.config.vocab_size != reference.config.vocab_size:
         raise ValueError(
@@ -187,9 +189,12 @@ def kl_per_problem(
         labels = batch["labels"].to(device)
         expected = reference(**{k: v.to(reference_device) for k, v in inputs.items()}).logits.to(device)
         kl = token_kl(expected, model(**{k: v.to(device) for k, v in inputs.items()}).logits, labels).double()
-        counts = (labels[:, 1:] != IGNORE_INDEX).sum(1).tolist()  # token_kl's values, row by row
-        for problem, part, count in zip(chunk, kl.split(counts), counts):
-            rows.append({"index": problem.index, "kl_sum": part.sum().item(), "tokens": count})
+        valid = labels[:, 1:] != IGNORE_INDEX
+        counts = valid.sum(1).tolist()  # token_kl's values, row by row
+        reasoning = batch["reasoning_mask"][:, 1:].to(device)[valid]  # the class of each predicted token
+        for problem, part, mask, count in zip(chunk, kl.split(counts), reasoning.split(counts), counts):
+            rows.append({"index": problem.index, "kl_sum": part.sum().item(), "tokens": count,
+                         "kl_sum_reasoning": part[mask].sum().item(), "tokens_reasoning": int(mask.sum())})
     return rows
 
 
