@@ -261,3 +261,20 @@ def test_answer_diagnosis_counts_cut_answers_and_wrong_steps(bench_env):
     assert (found.steps, found.steps_right) == ([1, 1, 2], [1, 0, 2])
     line = next(x for x in render.answers_section([found]) if x.startswith("| tiny-rku-uniform-20 (t8) |"))
     assert "| 1/3 [" in line and "| 1/2 [" in line and line.endswith("| 1.3 | — (4 steps) |"), line
+
+
+def test_calibration_source_pairs_kl_on_number_tokens():
+    """The KL split by token class gets its own paired cell (self − gold on the same questions)."""
+    def row(source: str, kl: float, kl_numbers: float) -> dict:
+        n = 4
+        columns = {"index": list(range(n)), "kl_sum": [kl * 10] * n, "tokens": [10] * n,
+                   "kl_sum_reasoning": [kl_numbers * 3 + 0.01 * i for i in range(n)], "tokens_reasoning": [3] * n}
+        return {"row_id": "m-rku-uniform-40", "row": {"model": "m", "importance": "rku", "allocation": "uniform", "sparsity": 0.4},
+                "settings": {"gsm8k_limit": n, "calib_samples": 16, "calib_source": source, "max_new_tokens": 256, "generate": False},
+                "gsm8k": {"cot_nll": 1.0, "kl_to_dense": kl, "kl_to_dense_gold": kl, "kl_to_dense_reasoning": kl_numbers},
+                "gsm8k_nll": {"cot_nll_sum": [10.0] * n, "cot_tokens": [10] * n},
+                "gsm8k_kl": {"kl_to_dense": columns, "kl_to_dense_gold": columns}}
+
+    lines = render.calibration_source_section([row("gold", 0.4, 0.2), row("self", 0.35, 0.5)])
+    line = next(x for x in lines if x.startswith("| m | uniform | 40% | rku |"))
+    assert line.endswith("| 0.200 | 0.500 (+0.300 [+0.300, +0.300]) |"), line

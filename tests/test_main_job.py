@@ -54,6 +54,7 @@ def check_outputs(out: Path, printed: str) -> dict:
     assert summary["kv_cache_bytes_per_token"]["pruned"] <= summary["kv_cache_bytes_per_token"]["dense"]
     assert set(summary["accuracy"]) == {"gsm8k", "svamp"}
     assert all(a["questions"] == 2 and a["dense"] is not None for a in summary["accuracy"].values())
+    assert all(0 <= a["cut"] <= 2 and 0 <= a["cut_dense"] <= 2 for a in summary["accuracy"].values())  # answers cut at the cap
     assert summary["kl_to_dense"]["0"] == pytest.approx(0, abs=1e-6) and summary["kl_to_dense"]["1"] > 0
     decode = summary["decode"]
     assert decode["dense_tokens_per_s"] > 0 and decode["speedup"] == pytest.approx(decode["pruned_tokens_per_s"] / decode["dense_tokens_per_s"])
