@@ -106,6 +106,9 @@ def test_accuracy_counts_answers_cut_at_the_cap() -> None:
     metric.update(["#### 2"], [2], num_tokens=[9])  # over the cap (a stop string ended it late): cut too
     result = metric.compute()
     assert result["truncated"] == 2 and result["truncated_rate"].item() == pytest.approx(2 / 3)
+    assert result["steps"] == 1 and result["steps_right_rate"].item() == pytest.approx(1.0)  # 3 + 4 = 7
+    metric.update(["So 2 * 6 = 13, and 13 - 1 = 12 #### 12"], [12], num_tokens=[7])
+    assert metric.compute()["steps"] == 3 and metric.compute()["steps_right_rate"].item() == pytest.approx(2 / 3)
     assert math.isnan(ReasoningAccuracy().compute()["truncated_rate"].item())  # no cap: not counted
 
 

@@ -101,7 +101,7 @@ def test_train_py_end_to_end(tmp_path, accelerator, importance):
     assert rounds[0]["sparsity"] == 0 and rounds[-1]["sparsity"] == pytest.approx(0.3, abs=0.03)
     for r in rounds:
         assert set(r["metrics"]) == {"val/gsm8k_acc", "val/cot_nll", "val/cot_nll_reasoning", "val/cot_nll_other", "val/ood_acc",
-                                     "val/kl_to_dense", "val/kl_to_dense_gold", "val/gsm8k_truncated", "val/ood_truncated"}
+                                     "val/kl_to_dense", "val/kl_to_dense_gold", *GSM8K_ANSWERS, *OOD_ANSWERS}
         assert all(0 <= r["metrics"][f"val/{task}_truncated"] <= 1 for task in ("gsm8k", "ood"))
         assert r["params"] > 0 and r["kv_cache_bytes_per_token"] > 0
     # Fidelity to the dense model: none before pruning, some after.
@@ -178,7 +178,20 @@ def _validation_setup(tmp_path, generate: bool = True, datamodule_class=None):
 
 
 NLL_METRICS = {"val/cot_nll", "val/cot_nll_reasoning", "val/cot_nll_other", "val/kl_to_dense", "val/kl_to_dense_gold"}
-GSM8K_ANSWERS, OOD_ANSWERS = {"val/gsm8k_acc", "val/gsm8k_truncated"}, {"val/ood_acc", "val/ood_truncated"}
+# `*_steps_right` is logged only for answers that write arithmetic steps, which a tiny random model's do not.
+GSM8K_ANSWERS, OOD_ANSWERS = ({f"val/{task}_{name}" for name in ("acc", "truncated")} for task in ("gsm8k", "ood"))
+
+
+def test_arithmetic_steps_are_logged_when_answers_write_them(tmp_path):
+    from rku_lightning.training.lightning_module import CausalLMPruningModule
+
+    write_config(tmp_path)
+    module = CausalLMPruningModule(pretrained=str(tmp_path / "tiny"), kl_to_dense=False, max_new_tokens=4)
+    module.gsm8k_accuracy.update(["3 + 4 = 7, 7 * 2 = 15 #### 15"], [14], num_tokens=[4])
+    values = module._set_values(True)
+    assert values["val/gsm8k_steps_right"].item() == pytest.approx(0.5) and values["val/gsm8k_truncated"].item() == 1.0
+    module.ood_accuracy.update(["#### 3"], [3], num_tokens=[2])
+    assert set(module._set_values(False)) == {"val/ood_acc", "val/ood_truncated"}
 
 
 @pytest.mark.parametrize("generate", [True, False])

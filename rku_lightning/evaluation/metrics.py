@@ -16,6 +16,8 @@ from torchmetrics import Metric
 from torchmetrics.text import Perplexity
 from transformers import PreTrainedTokenizerBase
 
+from .arithmetic import written_steps
+
 IGNORE_INDEX = -100
 
 # A number as models and people write it: optional sign and currency, thousands separators, decimals,
@@ -110,6 +112,9 @@ class ReasoningAccuracy(Metric):
     characters always and in tokens when the caller passes token counts. With `max_new_tokens` and token
     counts it counts the generations cut at that cap: a truncated answer is scored wrong whatever its
     reasoning, so a high `truncated_rate` says the budget, not the model, decided those questions.
+    `steps_right_rate` is the share of the binary steps the generations write out (``a op b = c``) that
+    are computed right (`arithmetic.written_steps`): wrong answers with right steps lost the plan,
+    wrong steps lost the arithmetic.
     """
 
     is_differentiable = False
@@ -119,7 +124,7 @@ class ReasoningAccuracy(Metric):
     def __init__(self, max_new_tokens: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.max_new_tokens = max_new_tokens
-        for name in ("correct", "total", "no_answer", "chars", "tokens", "counted_tokens", "truncated"):
+        for name in ("correct", "total", "no_answer", "chars", "tokens", "counted_tokens", "truncated", "steps", "steps_right"):
             self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(
@@ -137,6 +142,9 @@ class ReasoningAccuracy(Metric):
             self.correct += int(correct)
             self.no_answer += int(predicted is None)
             self.chars += len(text)
+            steps = written_steps(text)
+            self.steps += len(steps)
+            self.steps_right += sum(step.correct for step in steps)
         self.total += len(generations)
         if num_tokens is not None:
             self.tokens += int(sum(num_tokens))
@@ -158,6 +166,8 @@ class ReasoningAccuracy(Metric):
             "mean_tokens": self.tokens.float() / counted if self.counted_tokens > 0 else nan,
             "truncated": self.truncated.clone(),
             "truncated_rate": self.truncated.float() / counted if self.counted_tokens > 0 and self.max_new_tokens else nan,
+            "steps": self.steps.clone(),
+            "steps_right_rate": self.steps_right.float() / self.steps.float() if self.steps > 0 else nan,
         }
 
 

@@ -223,6 +223,8 @@ class CausalLMPruningModule(LightningModule):
             # How often the answer budget, not the model, decided a question (see ReasoningAccuracy).
             result = accuracy.compute()
             values.update({f"val/{task}_acc": result["accuracy"], f"val/{task}_truncated": result["truncated_rate"]})
+            if result["steps"] > 0:  # synced state: every rank takes the same branch
+                values[f"val/{task}_steps_right"] = result["steps_right_rate"]
         if not in_distribution:
             return values
         if self.cot_nll.update_called:

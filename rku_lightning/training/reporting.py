@@ -30,6 +30,8 @@ METRIC_LABELS: dict[str, str] = {
     "val/ood_acc": "OOD acc",
     "val/gsm8k_truncated": "GSM8K cut at cap",
     "val/ood_truncated": "OOD cut at cap",
+    "val/gsm8k_steps_right": "GSM8K steps right",
+    "val/ood_steps_right": "OOD steps right",
     "val/kl_to_dense": "KL to dense",
     "val/kl_to_dense_gold": "KL to dense (gold)",
 }
