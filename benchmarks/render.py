@@ -84,11 +84,13 @@ def _fmt(value, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def _acc(flags: list[bool]) -> str:
+def _acc(flags: list[bool], as_count: bool = False) -> str:
+    """The share of True (or `k/n` with `as_count`) with its 95 % interval."""
     if not flags:
         return "—"
     low, high = bootstrap_interval(flags)
-    return f"{sum(flags) / len(flags):.1%} [{low:.0%}, {high:.0%}]"
+    share = f"{sum(flags)}/{len(flags)}" if as_count else f"{sum(flags) / len(flags):.1%}"
+    return f"{share} [{low:.0%}, {high:.0%}]"
 
 
 def _nll(row: dict) -> str:
@@ -633,14 +635,6 @@ def _recover_final_table(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def _share(flags: list[bool]) -> str:
-    """`k/n` with the 95 % interval of the share."""
-    if not flags:
-        return "—"
-    low, high = bootstrap_interval(flags)
-    return f"{sum(flags)}/{len(flags)} [{low:.0%}, {high:.0%}]"
-
-
 def _steps_right(answers: AnswerSet) -> str:
     """Share of the written steps computed right, resampling whole answers (an answer's steps are not independent)."""
     total = sum(answers.steps)
@@ -670,7 +664,7 @@ def answers_section(sets: list[AnswerSet]) -> list[str]:
     for a in sets:
         finished = [c for c, cut in zip(a.correct, a.cut) if not cut]
         out.append(
-            f"| {a.label} | {a.task} | {a.sparsity:.0%} | {a.cap} | {_share(a.correct)} | {_share(a.cut)} | {_share(finished)} "
+            f"| {a.label} | {a.task} | {a.sparsity:.0%} | {a.cap} | {_acc(a.correct, True)} | {_acc(a.cut, True)} | {_acc(finished, True)} "
             f"| {sum(a.steps) / len(a.steps):.1f} | {_steps_right(a)} |"
         )
     return out + [""]
