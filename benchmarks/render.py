@@ -371,7 +371,7 @@ def calibration_source_section(rows: list[dict]) -> list[str]:
         "",
         "| model | allocation | sparsity | method | questions | calibration | CoT NLL gold: gold-cal | self-cal "
         "| KL dense answers: gold-cal | self-cal | KL gold text: gold-cal | self-cal "
-        "| KL dense answers, number tokens: gold-cal | self-cal |",
+        "| KL dense answers, arithmetic tokens: gold-cal | self-cal |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (_, limit, size, _), pair in sorted(pairs.items(), key=lambda item: (item[1]["gold"]["row"]["model"],
@@ -384,7 +384,7 @@ def calibration_source_section(rows: list[dict]) -> list[str]:
                 cells += [f"{gold['gsm8k'][name]:.3f}", f"{own['gsm8k'][name]:.3f} (other questions)"]
                 continue
             cells += [f"{gold['gsm8k'][name]:.3f}", _gap_cell(own["gsm8k"][name], paired_nll_gap(a, b, total="kl_sum", count="tokens"))]
-        # The same KL on the reasoning tokens (numbers, operators) only: rows measured before the split have none.
+        # The same KL on the arithmetic tokens (digits, `=`, operators) only: rows measured before the split have none.
         a, b = own["gsm8k_kl"]["kl_to_dense"], gold["gsm8k_kl"]["kl_to_dense"]
         scored = "tokens_reasoning" in a and "tokens_reasoning" in b and a["index"] == b["index"]
         # An interval needs reasoning tokens in most answers (a resample of none has no mean).
