@@ -367,7 +367,9 @@ def calibration_source_section(rows: list[dict]) -> list[str]:
         "",
         "Each cell: the row calibrated on `self` traces, and in brackets its paired gap to the same row calibrated on "
         "`gold` solutions (95 % bootstrap over questions; negative = `self` is closer / lower). Same questions, "
-        "calibration size, seed and sequence length; teacher-forced, no generation.",
+        "calibration size, seed and sequence length; teacher-forced, no generation. The last pair is the KL on the dense "
+        "model's answers restricted to its arithmetic tokens (digits, `=`, operators next to operands: the CoT NLL's "
+        "reasoning class); `—`: measured before that split.",
         "",
         "| model | allocation | sparsity | method | questions | calibration | CoT NLL gold: gold-cal | self-cal "
         "| KL dense answers: gold-cal | self-cal | KL gold text: gold-cal | self-cal "
