@@ -94,6 +94,8 @@ class Settings:
             base += f"_c{self.calib_samples}"
         if self.max_new_tokens != Settings.max_new_tokens:
             base += f"_t{self.max_new_tokens}"
+        if self.calib_max_length != Settings.calib_max_length:
+            base += f"_L{self.calib_max_length}"
         if self.calib_source != Settings.calib_source:
             base += f"_{self.calib_source}"
         return base

@@ -124,13 +124,13 @@ def _format_gap(gap: tuple[float, float, float], digits: int = 2) -> str:
     return f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
 
 
-def _measured_on(row: dict) -> tuple[int, int, str, int]:
-    """What must match for two rows to share a table: GSM8K question count, calibration size and source
-    (rows from before calibration sources existed calibrated on gold solutions), and the answer cap."""
+def _measured_on(row: dict) -> tuple[int, int, str, int, int]:
+    """What must match for two rows to share a table: GSM8K question count, calibration size, source
+    (rows from before calibration sources existed calibrated on gold solutions) and window, and the answer cap."""
     settings = row["settings"]
     # The cap only changes generated answers: a teacher-forced-only row belongs with the default-cap rows.
     cap = settings["max_new_tokens"] if settings.get("generate", True) else Settings.max_new_tokens
-    return settings["gsm8k_limit"], settings["calib_samples"], settings.get("calib_source", "gold"), cap
+    return settings["gsm8k_limit"], settings["calib_samples"], settings.get("calib_source", "gold"), cap, settings["calib_max_length"]
 
 
 def _main_calibration(rows: list[dict], model: str) -> list[dict]:
@@ -149,16 +149,17 @@ def oneshot_tables(rows: list[dict]) -> list[str]:
         if row["row"]["importance"] is None:
             # The dense model needs no calibration: it heads every table measured on its questions (with its
             # answer cap where it was measured with it).
-            limit, _, _, tokens = _measured_on(row)
+            limit, _, _, tokens, _ = _measured_on(row)
             dense_of[(row["row"]["model"], limit, tokens)] = row
             dense_of.setdefault((row["row"]["model"], limit, -1), row)
         else:
             groups[(row["row"]["model"], *_measured_on(row))].append(row)
-    for (model, limit, calibration, source, tokens), pruned in sorted(groups.items()):
+    for (model, limit, calibration, source, tokens, window), pruned in sorted(groups.items()):
         dense = dense_of.get((model, limit, tokens)) or dense_of.get((model, limit, -1))
         settings = pruned[0]["settings"]
         traces = "" if source == "gold" else f" (their {source}-generated traces)"
-        cap = "" if tokens == 256 else f", answers up to {tokens} tokens"
+        cap = ("" if tokens == Settings.max_new_tokens else f", answers up to {tokens} tokens") + (
+            "" if window == Settings.calib_max_length else f", {window}-token calibration window")
         out += [
             f"### {model}: one-shot pruning, no recovery, first {limit} GSM8K test questions, "
             f"{calibration} calibration problems{traces}{cap}",
@@ -205,11 +206,11 @@ def oneshot_tables(rows: list[dict]) -> list[str]:
 def calibration_section(rows: list[dict]) -> list[str]:
     """Rows measured with several calibration sizes side by side, each size's NLL paired against the
     smallest: whether a finding is about the method or about too little calibration data."""
-    sizes_of: dict[tuple[str, int], dict[int, dict]] = defaultdict(dict)
+    sizes_of: dict[tuple[str, int, int], dict[int, dict]] = defaultdict(dict)
     for row in rows:
-        limit, size, source, _ = _measured_on(row)  # the answer cap: no part of the CoT NLL of gold text
+        limit, size, source, _, window = _measured_on(row)  # the answer cap: no part of the CoT NLL of gold text
         if "gsm8k_nll" in row and source == "gold":  # the size comparison is about the same (gold) calibration text
-            sizes_of[(row["row_id"], limit)][size] = row
+            sizes_of[(row["row_id"], limit, window)][size] = row
     repeated = {key: by_size for key, by_size in sizes_of.items() if len(by_size) > 1}
     if not repeated:
         return []
@@ -225,11 +226,11 @@ def calibration_section(rows: list[dict]) -> list[str]:
         "|---|---|---|---|---|" + "---|" * len(sizes),
     ]
 
-    def order(item: tuple[tuple[str, int], dict[int, dict]]) -> tuple:
+    def order(item: tuple[tuple[str, int, int], dict[int, dict]]) -> tuple:
         meta = next(iter(item[1].values()))["row"]
         return meta["model"], item[0][1], meta["allocation"], meta["sparsity"], item[0][0]
 
-    for (_, limit), by_size in sorted(repeated.items(), key=order):
+    for (_, limit, _), by_size in sorted(repeated.items(), key=order):
         smallest = by_size[min(by_size)]
         cells = []
         for size in sizes:
@@ -354,11 +355,11 @@ def _gap_cell(value: float, gap: tuple[float, float, float]) -> str:
 def calibration_source_section(rows: list[dict]) -> list[str]:
     """Rows calibrated on gold solutions and on the dense model's own traces, paired question by question:
     CoT NLL of the gold solutions and KL(dense || pruned) on the dense model's answers and on gold text."""
-    by_source: dict[tuple[str, int, int, int], dict[str, dict]] = defaultdict(dict)
+    by_source: dict[tuple[str, int, int, int, int], dict[str, dict]] = defaultdict(dict)
     for row in rows:
-        limit, size, source, tokens = _measured_on(row)
+        limit, size, source, tokens, window = _measured_on(row)
         if row.get("gsm8k_kl") and "gsm8k_nll" in row:
-            by_source[(row["row_id"], limit, size, tokens)][source] = row
+            by_source[(row["row_id"], limit, size, tokens, window)][source] = row
     pairs = {key: s for key, s in by_source.items() if {"gold", "self"} <= set(s)}
     if not pairs:
         return []
@@ -376,8 +377,8 @@ def calibration_source_section(rows: list[dict]) -> list[str]:
         "| KL dense answers, arithmetic tokens: gold-cal | self-cal |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (_, limit, size, _), pair in sorted(pairs.items(), key=lambda item: (item[1]["gold"]["row"]["model"],
-                                                                           item[1]["gold"]["row"]["sparsity"], item[0][0])):
+    for (_, limit, size, _, window), pair in sorted(pairs.items(), key=lambda item: (
+            item[1]["gold"]["row"]["model"], item[1]["gold"]["row"]["sparsity"], item[0][4], item[0][0])):
         gold, own = pair["gold"], pair["self"]
         cells = [f"{gold['gsm8k']['cot_nll']:.3f}", _gap_cell(own["gsm8k"]["cot_nll"], paired_nll_gap(own["gsm8k_nll"], gold["gsm8k_nll"]))]
         for name in ("kl_to_dense", "kl_to_dense_gold"):
@@ -396,7 +397,8 @@ def calibration_source_section(rows: list[dict]) -> list[str]:
         else:
             cells += ["—", "—"]
         meta = gold["row"]
-        out.append(f"| {meta['model']} | {meta['allocation']} | {meta['sparsity']:.0%} | {method_name(gold)} | {limit} | {size} | "
+        calibration = f"{size}" + ("" if window == Settings.calib_max_length else f" ({window}-token window)")
+        out.append(f"| {meta['model']} | {meta['allocation']} | {meta['sparsity']:.0%} | {method_name(gold)} | {limit} | {calibration} | "
                    + " | ".join(cells) + " |")
     return out + [""]
 

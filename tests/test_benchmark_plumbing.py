@@ -76,11 +76,12 @@ def test_settings_survive_the_command_line_and_nll_only_rows_skip_generation(ben
     oneshot.add_settings_arguments(parser)
     settings = Settings(generate=False, threads=2, gsm8k_limit=2, calib_samples=2, calib_max_length=700)
     assert oneshot.settings_from(parser.parse_args(oneshot.settings_flags(settings))) == settings
-    assert settings.stage == "oneshot_nll_q2_c2" and Settings().stage == "oneshot"
+    assert settings.stage == "oneshot_nll_q2_c2_L700" and Settings().stage == "oneshot"
     assert Settings(generate=False).stage == "oneshot_nll" and Settings(gsm8k_limit=200).stage == "oneshot_q200"
     assert Settings(calib_samples=64, generate=False).stage == "oneshot_nll_c64"
     # Another answer cap is another measurement: its own folder, and self traces of its own length.
     assert Settings(max_new_tokens=512, calib_source="self").stage == "oneshot_t512_self"
+    assert Settings(calib_max_length=640, generate=False, calib_source="self").stage == "oneshot_nll_L640_self"
     paths = {oneshot._stats_path("m", "ce", Settings(max_new_tokens=n, calib_source=src)).name
              for n in (256, 512) for src in ("gold", "self")}
     assert paths == {"m-ce-n16-L256-s0.pt", "m-ce-n16-L256-s0-self.pt", "m-ce-n16-L256-s0-self-T512.pt"}
@@ -242,7 +243,7 @@ def test_gold_and_self_calibrated_rows_are_paired_with_intervals(bench_env, monk
         common.write_row(settings.stage, row.row_id, record)
     text = render.render().read_text()
     section = text.split("## Calibration source", 1)[1].split("\n## ", 1)[0]
-    line = next(x for x in section.splitlines() if x.startswith("| tiny | uniform | 30% | rku | 3 | 2 |"))
+    line = next(x for x in section.splitlines() if x.startswith("| tiny | uniform | 30% | rku | 3 | 2 (700-token window) |"))
     assert len(re.findall(r"\d+\.\d{3} \([+-]\d+\.\d{3} \[[+-]\d+\.\d{3}, [+-]\d+\.\d{3}\]\)", line)) == 3, line
 
 
@@ -270,7 +271,8 @@ def test_calibration_source_pairs_kl_on_number_tokens():
         columns = {"index": list(range(n)), "kl_sum": [kl * 10] * n, "tokens": [10] * n,
                    "kl_sum_reasoning": [kl_numbers * 3 + 0.01 * i for i in range(n)], "tokens_reasoning": [3] * n}
         return {"row_id": "m-rku-uniform-40", "row": {"model": "m", "importance": "rku", "allocation": "uniform", "sparsity": 0.4},
-                "settings": {"gsm8k_limit": n, "calib_samples": 16, "calib_source": source, "max_new_tokens": 256, "generate": False},
+                "settings": {"gsm8k_limit": n, "calib_samples": 16, "calib_source": source, "max_new_tokens": 256, "generate": False,
+                             "calib_max_length": 256},
                 "gsm8k": {"cot_nll": 1.0, "kl_to_dense": kl, "kl_to_dense_gold": kl, "kl_to_dense_reasoning": kl_numbers},
                 "gsm8k_nll": {"cot_nll_sum": [10.0] * n, "cot_tokens": [10] * n},
                 "gsm8k_kl": {"kl_to_dense": columns, "kl_to_dense_gold": columns}}
