@@ -4,9 +4,9 @@
 #   100 GSM8K + 100 SVAMP questions with KL to dense; then prune-and-recover to 40 % with
 #   {ce on gold, kd on self traces} x {rku, flap} and the recovery-only control. Every row saves as it
 #   finishes and a rerun skips finished rows, so an interrupted run loses only the rows in flight.
-# Answers may run to 512 new tokens and calibration / training windows hold 640 tokens: at 256 the dense model's
-# own answer is cut on 58 % of GSM8K questions, and a 256-token window keeps 35 % of its traces' written
-# steps (RESULTS.md, "Why the answers are wrong"), which would decide the gold-vs-self comparison by length.
+# Answers may run to 512 new tokens and calibration / training windows hold 640 tokens: a 256-token window
+# keeps 35 % of the dense traces' written steps, so gold-vs-self would be decided by the window, and at 256
+# new tokens 58 % of the dense model's GSM8K answers are cut (RESULTS.md, "Why the answers are wrong").
 # Prepared on CPU; not yet run on a GPU (README, "Not measured yet").
 set -euo pipefail
 cd "$(dirname "$0")/.."
