@@ -175,5 +175,6 @@ def test_learning_from_cut_text_warns_naming_the_option_to_raise(tmp_path):
     prompt = max(p for p, _ in solution_lengths(whole.tokenizer, whole.train_problems))
     assert longest - prompt > 100
     with pytest.warns(UserWarning, match=rf"train_source='gold': max_length={longest - 40} cuts the end off 4 of 4 solutions "
-                                         rf"\(\d+% of their tokens, final answers included\); max_length={longest} keeps them whole"):
+                                         rf"\(\d+% of their tokens, final answers included\); max_length={longest} keeps them whole") as caught:
         setup(long, max_length=longest - 40)
+    assert any(str(w.message).startswith("calibration_source='gold': max_length=") for w in caught)  # it calibrates on them too

@@ -270,6 +270,8 @@ class ReasoningDataModule(LightningDataModule):
                 chosen = sample_problems(self.train_problems, hp.trace_samples, hp.seed)
                 self.train_problems = as_problems(self._dense_traces(chosen, "train_source"), hp.trace_keep)
             self._warn_if_cut(self.train_problems, f"train_source={hp.train_source!r}")
+            if hp.calibration_source != "current":  # `current` traces are written each round, after setup
+                self._warn_if_cut(self.calibration_problems, f"calibration_source={hp.calibration_source!r}")
         if stage in (None, "fit", "validate") and self.val_set is None:
             val = load_problems(self._source(hp.val_data, hp.val_task), hp.val_task, split=hp.val_split, limit=hp.val_limit)
             val_problems = self._fits(list(val), "val_data")
@@ -297,8 +299,9 @@ class ReasoningDataModule(LightningDataModule):
         return model, trainer
 
     def _warn_if_cut(self, problems: Sequence[Problem], field: str) -> None:
-        """Say when max_length cuts the solutions recovery learns from: the end is where the last steps and the
-        final answer are (Qwen2.5-Coder-0.5B's own GSM8K traces keep 35 % of their written steps in 256 tokens)."""
+        """Say when max_length cuts the solutions recovery or calibration learns from: the end is where the last
+        steps and the final answer are (Qwen2.5-Coder-0.5B's own GSM8K traces keep 35 % of their written steps
+        in 256 tokens, and self calibration in such a window loses the arithmetic: README, "Calibration source")."""
         lengths = solution_lengths(self.tokenizer, problems)
         limit = self.hparams.max_length
         cut = [(prompt, solution) for prompt, solution in lengths if prompt + solution > limit]
