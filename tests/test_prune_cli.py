@@ -74,3 +74,20 @@ def test_cli_calibrates_on_the_models_own_traces(saved_tiny, shared_data, tmp_pa
     gold, own = (json.loads((tmp_path / name / "pruning.json").read_text()) for name in ("gold", "self1"))
     assert gold["traces"] is None
     assert gold["layers"] != own["layers"] or gold["report"]["layers"] != own["report"]["layers"]
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_cli_warns_when_max_length_cuts_the_calibration_solutions(saved_tiny, shared_data, tmp_path):
+    """A window shorter than prompt + solution scores the gates on openings only: the CLI says which option to raise."""
+    from transformers import AutoTokenizer
+
+    from rku_lightning.evaluation.calibration import sample_problems
+    from rku_lightning.evaluation.prompts import solution_lengths
+
+    train = shared_data / "gsm8k" / "train.jsonl"
+    problems = sample_problems(load_problems(train, task="gsm8k", split="train").problems, 4, 0)
+    lengths = solution_lengths(AutoTokenizer.from_pretrained(saved_tiny), problems)
+    window = max(p for p, _ in lengths) + 8
+    common = ["--model", str(saved_tiny), "--sparsity", "0.3", "--calibration", str(train), "--samples", "4", "--batch-size", "2"]
+    with pytest.warns(UserWarning, match=rf"--calibration-source gold: --max-length={window} cuts the end off 4 of 4 solutions"):
+        main([*common, "--max-length", str(window), "--out", str(tmp_path / "short")])

@@ -9,6 +9,7 @@ serves CoT NLL evaluation and recovery fine-tuning. See docs/evaluation.md.
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -140,6 +141,21 @@ def solution_lengths(tokenizer: PreTrainedTokenizerBase, problems: Sequence[Prob
     prompts = [_prompt_ids(tokenizer, build_prompt(tokenizer, p.question)) for p in problems]
     suffixes = tokenizer([gold_solution(p) for p in problems], add_special_tokens=False)["input_ids"]
     return [(len(prompt), len(suffix) + 1) for prompt, suffix in zip(prompts, suffixes)]  # + the end-of-turn token
+
+
+def warn_if_cut(tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem], max_length: int, field: str,
+                option: str = "max_length") -> None:
+    """Warn when `max_length` cuts the end off the solutions a model calibrates or recovers on: the end is where
+    the last steps and the final answer are (Qwen2.5-Coder-0.5B's own GSM8K traces keep 35 % of their written
+    steps in 256 tokens, and self calibration in such a window loses the arithmetic: README, "Calibration source")."""
+    lengths = solution_lengths(tokenizer, problems)
+    cut = [(prompt, solution) for prompt, solution in lengths if prompt + solution > max_length]
+    lost = sum(prompt + solution - max_length for prompt, solution in cut) / max(1, sum(solution for _, solution in lengths))
+    if lost > 0.01:  # a few long gold solutions losing their last tokens is not worth a warning
+        warnings.warn(
+            f"{field}: {option}={max_length} cuts the end off {len(cut)} of {len(lengths)} solutions ({lost:.0%} of "
+            f"their tokens, final answers included); {option}={max(p + s for p, s in cut)} keeps them whole"
+        )
 
 
 _PAD_VALUES = {"attention_mask": 0, "labels": IGNORE_INDEX, "reasoning_mask": False}

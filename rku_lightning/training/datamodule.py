@@ -36,7 +36,7 @@ from rku_lightning.checks import one_of, positive_int
 from rku_lightning.evaluation.calibration import calibration_batches, sample_problems
 from rku_lightning.evaluation.data import TASKS, Problem, Task, load_problems
 from rku_lightning.evaluation.generation import PromptDataset, collate_prompts
-from rku_lightning.evaluation.prompts import build_prompt, collate_left, encode_solution, solution_lengths
+from rku_lightning.evaluation.prompts import build_prompt, collate_left, encode_solution, warn_if_cut
 from rku_lightning.evaluation.traces import TRACE_FILTERS, Trace, TraceFilter, as_problems, cached_traces, generate_traces
 from rku_lightning.paths import shared_data_dir
 
@@ -269,9 +269,11 @@ class ReasoningDataModule(LightningDataModule):
             if hp.train_source == "self":
                 chosen = sample_problems(self.train_problems, hp.trace_samples, hp.seed)
                 self.train_problems = as_problems(self._dense_traces(chosen, "train_source"), hp.trace_keep)
-            self._warn_if_cut(self.train_problems, f"train_source={hp.train_source!r}")
+            warn_if_cut(self.tokenizer, self.train_problems, hp.max_length, f"train_source={hp.train_source!r}")
             if hp.calibration_source != "current":  # `current` traces are written each round, after setup
-                self._warn_if_cut(self.calibration_problems, f"calibration_source={hp.calibration_source!r}")
+                chosen = sample_problems(self.calibration_problems, min(hp.calibration_samples, len(self.calibration_problems)),
+                                         hp.seed)  # calibration_batches' sample (which warns if it is short)
+                warn_if_cut(self.tokenizer, chosen, hp.max_length, f"calibration_source={hp.calibration_source!r}")
         if stage in (None, "fit", "validate") and self.val_set is None:
             val = load_problems(self._source(hp.val_data, hp.val_task), hp.val_task, split=hp.val_split, limit=hp.val_limit)
             val_problems = self._fits(list(val), "val_data")
@@ -297,20 +299,6 @@ class ReasoningDataModule(LightningDataModule):
         if trainer is not None and next(model.parameters()).device != trainer.strategy.root_device:
             model.to(trainer.strategy.root_device)  # setup runs before the strategy moves the model: generate there already
         return model, trainer
-
-    def _warn_if_cut(self, problems: Sequence[Problem], field: str) -> None:
-        """Say when max_length cuts the solutions recovery or calibration learns from: the end is where the last
-        steps and the final answer are (Qwen2.5-Coder-0.5B's own GSM8K traces keep 35 % of their written steps
-        in 256 tokens, and self calibration in such a window loses the arithmetic: README, "Calibration source")."""
-        lengths = solution_lengths(self.tokenizer, problems)
-        limit = self.hparams.max_length
-        cut = [(prompt, solution) for prompt, solution in lengths if prompt + solution > limit]
-        lost = sum(prompt + solution - limit for prompt, solution in cut) / max(1, sum(solution for _, solution in lengths))
-        if lost > 0.01:  # a few long gold solutions losing their last tokens is not worth a warning
-            warnings.warn(
-                f"{field}: max_length={limit} cuts the end off {len(cut)} of {len(lengths)} solutions ({lost:.0%} of "
-                f"their tokens, final answers included); max_length={max(p + s for p, s in cut)} keeps them whole"
-            )
 
     def _dense_traces(self, problems: Sequence[Problem], field: str | None = None) -> list[Trace]:
         """The dense model's cached traces for `problems` (each rank generates its shard on a miss). Traces to
