@@ -2,7 +2,7 @@
 
 import pytest
 
-from rku_lightning.evaluation.arithmetic import arithmetic_counts, written_steps
+from rku_lightning.evaluation.arithmetic import written_steps
 
 
 @pytest.mark.parametrize(
@@ -43,6 +43,3 @@ def test_checks_binary_steps(text: str, expected: list) -> None:
 def test_skips_what_is_not_a_single_binary_step(text: str) -> None:
     assert written_steps(text) == []
 
-
-def test_counts_over_texts() -> None:
-    assert arithmetic_counts(["1 + 1 = 2", "2 * 3 = 7, 4 - 1 = 3", "none"]) == (3, 2)

@@ -89,5 +89,8 @@ def test_cli_warns_when_max_length_cuts_the_calibration_solutions(saved_tiny, sh
     lengths = solution_lengths(AutoTokenizer.from_pretrained(saved_tiny), problems)
     window = max(p for p, _ in lengths) + 8
     common = ["--model", str(saved_tiny), "--sparsity", "0.3", "--calibration", str(train), "--samples", "4", "--batch-size", "2"]
-    with pytest.warns(UserWarning, match=rf"--calibration-source gold: --max-length={window} cuts the end off 4 of 4 solutions"):
+    with pytest.warns(UserWarning, match=rf"--calibration-source gold: --max-length={window} cuts the end off 4 of 4 solutions") as caught:
         main([*common, "--max-length", str(window), "--out", str(tmp_path / "short")])
+    longest = max(p + s for p, s in lengths)
+    assert any(f"--max-length={longest} keeps them whole" in str(w.message) for w in caught)  # names the value to use
+    assert (tmp_path / "short" / "pruning.json").is_file()  # a warning, not an error: the export is written

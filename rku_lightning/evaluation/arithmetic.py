@@ -69,8 +69,3 @@ def written_steps(text: str) -> list[Step]:
         steps.append(Step(_value(left), op, _value(right), _value(result), correct))
     return steps
 
-
-def arithmetic_counts(texts: list[str]) -> tuple[int, int]:
-    """(checked steps, correct steps) over `texts`."""
-    steps = [step for text in texts for step in written_steps(text)]
-    return len(steps), sum(step.correct for step in steps)
