@@ -44,22 +44,33 @@ CPU_BUDGET = [
     "--data.max_length=256",
     "--data.val_limit=32",
 ]
+#: Uniform allocation (where one-shot pruning kept most accuracy) with answers generated for 32 + 32
+#: questions; the dense model's accuracy on them is in the one-shot rows, so no round 0.
+CPU_UNIFORM = [*CPU_BUDGET, "--pruning.allocation=uniform", "--data.ood_limit=32", "--evaluate_dense=false"]
+#: The reasoning issue's method: calibration and recovery on the dense model's own traces, recovery by
+#: forward KL to the dense teacher.
+KD_SELF = ["--model.recovery=kd", "--data.train_source=self", "--data.calibration_source=self"]
+#: On the CPU budget: 64 training questions (one pass of 2 rounds x 16 steps x 2), 16 calibration traces.
+CPU_KD_SELF = [*CPU_UNIFORM, *KD_SELF, "--data.calibration_samples=16", "--data.trace_samples=64"]
+
+
+def with_option(overrides: list[str], option: str) -> list[str]:
+    """`overrides` with `option` (`--key=value`) in place of the value it had there."""
+    key = option.split("=", 1)[0] + "="
+    return [*(o for o in overrides if not o.startswith(key)), option]
+
+
 #: Overrides on top of CONFIG; "full" is the config's budget (hours on CPU, minutes on a GPU) with the
 #: global allocation it had when those rows were measured (the config's default is uniform since).
 PRESETS: dict[str, list[str]] = {
     "full": ["--pruning.allocation=global"],
     "cpu": [*CPU_BUDGET, "--model.generate=false", "--pruning.allocation=global"],
-    # Uniform allocation (where one-shot pruning kept most accuracy) with answers generated for
-    # 32 + 32 questions; the dense model's accuracy on them is in the one-shot rows, so no round 0.
-    "cpu-uniform": [*CPU_BUDGET, "--pruning.allocation=uniform", "--data.ood_limit=32", "--evaluate_dense=false"],
-    # The reasoning issue's method on the same budget: calibration and recovery on the dense model's
-    # own traces (64 training questions: one pass of 2 rounds x 16 steps x 2), recovery by forward KL
-    # to the dense teacher; kl_to_dense on the dense model's answers to the 32 validation questions.
-    "cpu-uniform-kd-self": [
-        *CPU_BUDGET, "--pruning.allocation=uniform", "--data.ood_limit=32", "--evaluate_dense=false",
-        "--model.recovery=kd", "--data.train_source=self", "--data.calibration_source=self",
-        "--data.calibration_samples=16", "--data.trace_samples=64",
-    ],
+    "cpu-uniform": CPU_UNIFORM,
+    # kl_to_dense on the dense model's answers to the 32 validation questions.
+    "cpu-uniform-kd-self": CPU_KD_SELF,
+    # The same in a window that holds the prompt and the whole trace: a 256-token window holds only the
+    # opening of most traces (RESULTS.md, "Why the answers are wrong"). About 2.5x the recovery time.
+    "cpu-uniform-kd-self-L640": with_option(CPU_KD_SELF, "--data.max_length=640"),
     # One GPU (benchmarks/gpu_reasoning.sh): the config's budget (4 rounds to 40 %, 50 steps of 4 sequences),
     # uniform allocation, 100 + 100 validation questions in batches of 100; answers and traces up to 512
     # tokens in 640-token windows, so that neither the cap nor the window decides gold vs self (RESULTS.md,
@@ -69,21 +80,15 @@ PRESETS: dict[str, list[str]] = {
                         "--model.max_new_tokens=512", "--data.trace_max_new_tokens=512", "--data.max_length=640", *extra]
         for name, extra in {
             "ce-gold": [],
-            "kd-self": ["--model.recovery=kd", "--data.train_source=self", "--data.calibration_source=self",
-                        "--data.trace_samples=800"],
+            "kd-self": [*KD_SELF, "--data.trace_samples=800"],
             "recovery-only": ["--pruning.rounds=1", "--pruning.target_sparsity=0.001", "--evaluate_dense=false"],
         }.items()
     },
     # The control for it: one round of the same recovery after removing only 0.1 % (the least a
     # run may target), so that what LoRA recovery alone does to accuracy can be told from pruning.
-    "cpu-recovery-only": [
-        *[o for o in CPU_BUDGET if not o.startswith("--pruning.rounds=")],
-        "--pruning.rounds=1",
-        "--pruning.target_sparsity=0.001",
-        "--pruning.allocation=uniform",
-        "--data.ood_limit=32",
-        "--evaluate_dense=false",
-    ],
+    "cpu-recovery-only": with_option(
+        with_option(CPU_UNIFORM, "--pruning.rounds=1"), "--pruning.target_sparsity=0.001"
+    ),
 }
 
 
