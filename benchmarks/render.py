@@ -403,6 +403,62 @@ def calibration_source_section(rows: list[dict]) -> list[str]:
     return out + [""]
 
 
+def _on_common_questions(row: dict, reference: dict, task: str) -> tuple[list[bool], list[bool]]:
+    """Both rows' correctness on the `task` questions they both answered, in `row`'s order."""
+    theirs = dict(zip(reference[f"{task}_indices"], reference[f"{task}_correct"]))
+    common = [(flag, theirs[i]) for i, flag in zip(row[f"{task}_indices"], row[f"{task}_correct"]) if i in theirs]
+    return [a for a, _ in common], [b for _, b in common]
+
+
+def calibration_source_accuracy_section(rows: list[dict]) -> list[str]:
+    """Generated-answer accuracy of rows calibrated on the dense model's own traces (or in another window),
+    paired question by question with the same row calibrated on gold solutions in the default window."""
+    generated = [r for r in rows if r["row"]["importance"] is not None and r["gsm8k_correct"] and r["svamp_correct"]]
+    by_row: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for row in generated:
+        _, _, _, tokens, _ = _measured_on(row)
+        by_row[(row["row_id"], tokens)].append(row)
+    out: list[str] = []
+    for (_, tokens), group in sorted(by_row.items(), key=lambda item: (item[1][0]["row"]["sparsity"], item[0])):
+        golds = [r for r in group if _measured_on(r)[2] == "gold" and _measured_on(r)[4] == Settings.calib_max_length]
+        others = [r for r in group if r not in golds]
+        for row in sorted(others, key=lambda r: (_measured_on(r)[2], _measured_on(r)[4])):
+            _, size, source, _, window = _measured_on(row)
+            same_size = [r for r in golds if _measured_on(r)[1] == size]
+            if not same_size:
+                continue
+            gold = max(same_size, key=lambda r: len(r["gsm8k_correct"]))
+            cells, pooled_row, pooled_gold = [], [], []
+            for task in ("gsm8k", "svamp"):
+                mine, theirs = _on_common_questions(row, gold, task)
+                pooled_row += mine
+                pooled_gold += theirs
+                mean, low, high = paired_gap(mine, theirs)
+                n = len(mine)
+                cells.append(f"{sum(mine)} vs {sum(theirs)} of {n}: {mean * n:+.0f} [{low * n:+.0f}, {high * n:+.0f}]")
+            n = len(pooled_row)
+            mean, low, high = paired_gap(pooled_row, pooled_gold)
+            cells.append(f"{sum(pooled_row)} vs {sum(pooled_gold)} of {n}: {mean * n:+.0f} [{low * n:+.0f}, {high * n:+.0f}]")
+            meta = row["row"]
+            out.append(f"| {meta['model']} | {meta['allocation']} | {meta['sparsity']:.0%} | {method_name(row)} | {tokens} "
+                       f"| {source}, {size} problems, {window}-token window | " + " | ".join(cells) + " |")
+    if not out:
+        return []
+    return [
+        "## Calibration source: accuracy",
+        "",
+        "Greedy answers of a row calibrated on `self` traces (or in another calibration window), against the same row "
+        f"calibrated on `gold` solutions in the default {Settings.calib_max_length}-token window, on the questions both "
+        "answered: correct answers of each, and the difference in questions with its 95 % paired-bootstrap interval "
+        "(positive = the row solved more than `gold`).",
+        "",
+        "| model | allocation | sparsity | method | answer cap | calibration | GSM8K | SVAMP | both |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *out,
+        "",
+    ]
+
+
 def merge_nll_twins(group: list[dict]) -> dict:
     """One measurement of a row from its copies: the row run with generation, with CoT NLL from its NLL-only
     twin if it lacks per-question NLL, or the NLL-only row where no full row exists (NLL is the same
@@ -690,6 +746,7 @@ def render() -> Path:
         lines.append("")
         lines += calibration_section(rows)
         lines += calibration_source_section(rows)
+        lines += calibration_source_accuracy_section(rows)
     for row in load_rows("diagnostics"):
         lines += diagnostics_section(row)
     if peer := peer_rows():

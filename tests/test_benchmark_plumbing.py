@@ -280,3 +280,23 @@ def test_calibration_source_pairs_kl_on_number_tokens():
     lines = render.calibration_source_section([row("gold", 0.4, 0.2), row("self", 0.35, 0.5)])
     line = next(x for x in lines if x.startswith("| m | uniform | 40% | rku |"))
     assert line.endswith("| 0.200 | 0.500 (+0.300 [+0.300, +0.300]) |"), line
+
+
+def test_calibration_source_accuracy_pairs_rows_on_the_questions_both_answered():
+    """Self-calibrated answers are paired with gold-calibrated ones of the same row, on common questions only,
+    and never with a gold row calibrated on another sample size."""
+    def row(source: str, window: int, gsm8k: list[bool], svamp: list[bool], size: int = 16) -> dict:
+        return {"row_id": "m-rku-uniform-20", "row": {"model": "m", "importance": "rku", "allocation": "uniform", "sparsity": 0.2},
+                "settings": {"gsm8k_limit": len(gsm8k), "calib_samples": size, "calib_source": source, "max_new_tokens": 256,
+                             "calib_max_length": window},
+                "gsm8k_correct": gsm8k, "gsm8k_indices": list(range(len(gsm8k))),
+                "svamp_correct": svamp, "svamp_indices": list(range(len(svamp)))}
+
+    gold = row("gold", 256, [True, False, False, True, True, True], [False, False])  # 6 GSM8K questions, 4 shared
+    other_size = row("gold", 256, [False] * 4, [False, False], size=128)
+    own = row("self", 640, [True, True, True, False], [True, False])
+    (line,) = [x for x in render.calibration_source_accuracy_section([gold, other_size, own]) if x.startswith("| m |")]
+    assert "| self, 16 problems, 640-token window |" in line
+    # GSM8K: 3 vs 2 of the 4 shared questions; SVAMP 1 vs 0 of 2; both: 4 vs 2 of 6.
+    assert "| 3 vs 2 of 4: +1 [" in line and "| 1 vs 0 of 2: +1 [" in line and "| 4 vs 2 of 6: +2 [" in line, line
+    assert render.calibration_source_accuracy_section([other_size, own]) == []
