@@ -410,53 +410,63 @@ def _on_common_questions(row: dict, reference: dict, task: str) -> tuple[list[bo
     return [a for a, _ in common], [b for _, b in common]
 
 
+def _calibration_label(row: dict) -> str:
+    _, size, source, _, window = _measured_on(row)
+    return f"{source}, {size} problems, {window}-token window"
+
+
 def calibration_source_accuracy_section(rows: list[dict]) -> list[str]:
-    """Generated-answer accuracy of rows calibrated on the dense model's own traces (or in another window),
-    paired question by question with the same row calibrated on gold solutions in the default window."""
+    """Generated-answer accuracy of each row against the same row calibrated on gold solutions in another way
+    (default window, or the row's own window), paired on the questions both answered: the source and the
+    window can each be told apart."""
     generated = [r for r in rows if r["row"]["importance"] is not None and r["gsm8k_correct"] and r["svamp_correct"]]
-    by_row: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    by_row: dict[tuple[str, int, int], dict[tuple[str, int], list[dict]]] = defaultdict(lambda: defaultdict(list))
     for row in generated:
-        _, _, _, tokens, _ = _measured_on(row)
-        by_row[(row["row_id"], tokens)].append(row)
+        _, size, source, tokens, window = _measured_on(row)
+        by_row[(row["row_id"], tokens, size)][(source, window)].append(row)
     out: list[str] = []
-    for (_, tokens), group in sorted(by_row.items(), key=lambda item: (item[1][0]["row"]["sparsity"], item[0])):
-        golds = [r for r in group if _measured_on(r)[2] == "gold" and _measured_on(r)[4] == Settings.calib_max_length]
-        others = [r for r in group if r not in golds]
-        for row in sorted(others, key=lambda r: (_measured_on(r)[2], _measured_on(r)[4])):
-            _, size, source, _, window = _measured_on(row)
-            same_size = [r for r in golds if _measured_on(r)[1] == size]
-            if not same_size:
-                continue
-            gold = max(same_size, key=lambda r: len(r["gsm8k_correct"]))
-            cells, pooled_row, pooled_gold = [], [], []
-            for task in ("gsm8k", "svamp"):
-                mine, theirs = _on_common_questions(row, gold, task)
-                pooled_row += mine
-                pooled_gold += theirs
-                mean, low, high = paired_gap(mine, theirs)
-                n = len(mine)
-                cells.append(f"{sum(mine)} vs {sum(theirs)} of {n}: {mean * n:+.0f} [{low * n:+.0f}, {high * n:+.0f}]")
-            n = len(pooled_row)
-            mean, low, high = paired_gap(pooled_row, pooled_gold)
-            cells.append(f"{sum(pooled_row)} vs {sum(pooled_gold)} of {n}: {mean * n:+.0f} [{low * n:+.0f}, {high * n:+.0f}]")
-            meta = row["row"]
-            out.append(f"| {meta['model']} | {meta['allocation']} | {meta['sparsity']:.0%} | {method_name(row)} | {tokens} "
-                       f"| {source}, {size} problems, {window}-token window | " + " | ".join(cells) + " |")
+    for (_, tokens, _), variants in sorted(by_row.items(), key=lambda item: (
+            next(iter(item[1].values()))[0]["row"]["sparsity"], item[0])):
+        # One row per calibration: the one measured on the most questions (they agree on the shared ones).
+        chosen = {key: max(group, key=lambda r: len(r["gsm8k_correct"])) for key, group in variants.items()}
+        for (source, window), row in sorted(chosen.items()):
+            for (ref_source, ref_window), gold in sorted(chosen.items()):
+                if ref_source != "gold" or (ref_source, ref_window) == (source, window):
+                    continue
+                if source == "gold" and window < ref_window:
+                    continue  # one direction per pair of gold windows
+                cells, pooled_row, pooled_gold = [], [], []
+                for task in ("gsm8k", "svamp"):
+                    mine, theirs = _on_common_questions(row, gold, task)
+                    pooled_row += mine
+                    pooled_gold += theirs
+                    cells.append(_count_gap(mine, theirs))
+                cells.append(_count_gap(pooled_row, pooled_gold))
+                meta = row["row"]
+                out.append(f"| {meta['model']} | {meta['allocation']} | {meta['sparsity']:.0%} | {method_name(row)} | {tokens} "
+                           f"| {_calibration_label(row)} | {_calibration_label(gold)} | " + " | ".join(cells) + " |")
     if not out:
         return []
     return [
         "## Calibration source: accuracy",
         "",
-        "Greedy answers of a row calibrated on `self` traces (or in another calibration window), against the same row "
-        f"calibrated on `gold` solutions in the default {Settings.calib_max_length}-token window, on the questions both "
-        "answered: correct answers of each, and the difference in questions with its 95 % paired-bootstrap interval "
-        "(positive = the row solved more than `gold`).",
+        "Greedy answers of a row against the same row calibrated on `gold` solutions in another way (the default "
+        f"{Settings.calib_max_length}-token window, or the row's own window), on the questions both answered: correct "
+        "answers of each, and the difference in questions with its 95 % paired-bootstrap interval (positive = the row "
+        "solved more than the one it is compared with).",
         "",
-        "| model | allocation | sparsity | method | answer cap | calibration | GSM8K | SVAMP | both |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | allocation | sparsity | method | answer cap | calibration | against | GSM8K | SVAMP | both |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *out,
         "",
     ]
+
+
+def _count_gap(mine: list[bool], theirs: list[bool]) -> str:
+    """`a vs b of n: gap [low, high]`, the paired gap in questions."""
+    n = len(mine)
+    mean, low, high = paired_gap(mine, theirs)
+    return f"{sum(mine)} vs {sum(theirs)} of {n}: {mean * n:+.0f} [{low * n:+.0f}, {high * n:+.0f}]"
 
 
 def merge_nll_twins(group: list[dict]) -> dict:

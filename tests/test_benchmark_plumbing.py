@@ -296,7 +296,15 @@ def test_calibration_source_accuracy_pairs_rows_on_the_questions_both_answered()
     other_size = row("gold", 256, [False] * 4, [False, False], size=128)
     own = row("self", 640, [True, True, True, False], [True, False])
     (line,) = [x for x in render.calibration_source_accuracy_section([gold, other_size, own]) if x.startswith("| m |")]
-    assert "| self, 16 problems, 640-token window |" in line
+    assert "| self, 16 problems, 640-token window | gold, 16 problems, 256-token window |" in line
     # GSM8K: 3 vs 2 of the 4 shared questions; SVAMP 1 vs 0 of 2; both: 4 vs 2 of 6.
     assert "| 3 vs 2 of 4: +1 [" in line and "| 1 vs 0 of 2: +1 [" in line and "| 4 vs 2 of 6: +2 [" in line, line
     assert render.calibration_source_accuracy_section([other_size, own]) == []
+    # Gold in the row's own window too: the source at a fixed window, and the window at a fixed source.
+    gold_long = row("gold", 640, [True, True, False, False], [True, True])
+    lines = [x for x in render.calibration_source_accuracy_section([gold, gold_long, own]) if x.startswith("| m |")]
+    pairs = [tuple(cell.strip() for cell in x.split("|")[6:8]) for x in lines]
+    assert pairs == [("gold, 16 problems, 640-token window", "gold, 16 problems, 256-token window"),
+                     ("self, 16 problems, 640-token window", "gold, 16 problems, 256-token window"),
+                     ("self, 16 problems, 640-token window", "gold, 16 problems, 640-token window")], pairs
+    assert "| 3 vs 2 of 4: +1 [" in lines[2] and "| 1 vs 2 of 2: -1 [" in lines[2], lines[2]
