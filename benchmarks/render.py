@@ -425,6 +425,9 @@ def calibration_source_accuracy_section(rows: list[dict]) -> list[str]:
         _, size, source, tokens, window = _measured_on(row)
         by_row[(row["row_id"], tokens, size)][(source, window)].append(row)
     out: list[str] = []
+    # Per comparison (model, cap, calibration, against): each question's gaps over the rows compared that way.
+    pooled: dict[tuple[str, int, str, str], dict[tuple[str, int], list[int]]] = defaultdict(lambda: defaultdict(list))
+    rows_of: dict[tuple[str, int, str, str], list[str]] = defaultdict(list)
     for (_, tokens, _), variants in sorted(by_row.items(), key=lambda item: (
             next(iter(item[1].values()))[0]["row"]["sparsity"], item[0])):
         # One row per calibration: the one measured on the most questions (they agree on the shared ones).
@@ -435,14 +438,20 @@ def calibration_source_accuracy_section(rows: list[dict]) -> list[str]:
                     continue
                 if source == "gold" and window < ref_window:
                     continue  # one direction per pair of gold windows
+                meta = row["row"]
+                comparison = (meta["model"], tokens, _calibration_label(row), _calibration_label(gold))
+                rows_of[comparison].append(f"{method_name(row)} {meta['sparsity']:.0%}")
                 cells, pooled_row, pooled_gold = [], [], []
                 for task in ("gsm8k", "svamp"):
                     mine, theirs = _on_common_questions(row, gold, task)
                     pooled_row += mine
                     pooled_gold += theirs
                     cells.append(_count_gap(mine, theirs))
+                    theirs_of = dict(zip(gold[f"{task}_indices"], gold[f"{task}_correct"]))
+                    for i, flag in zip(row[f"{task}_indices"], row[f"{task}_correct"]):
+                        if i in theirs_of:
+                            pooled[comparison][(task, i)].append(int(flag) - int(theirs_of[i]))
                 cells.append(_count_gap(pooled_row, pooled_gold))
-                meta = row["row"]
                 out.append(f"| {meta['model']} | {meta['allocation']} | {meta['sparsity']:.0%} | {method_name(row)} | {tokens} "
                            f"| {_calibration_label(row)} | {_calibration_label(gold)} | " + " | ".join(cells) + " |")
     if not out:
@@ -459,7 +468,27 @@ def calibration_source_accuracy_section(rows: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|",
         *out,
         "",
+        *_pooled_comparisons(pooled, rows_of),
     ]
+
+
+def _pooled_comparisons(pooled: dict[tuple, dict[tuple[str, int], list[int]]], rows_of: dict[tuple, list[str]]) -> list[str]:
+    """The gaps of every comparison made on more than one row, summed: the bootstrap resamples questions, each
+    carrying its gaps in every row, since the rows answered the same questions."""
+    lines = []
+    for comparison, by_question in sorted(pooled.items()):
+        if len(rows_of[comparison]) < 2:
+            continue
+        gaps = [sum(v) for v in by_question.values()]
+        low, high = _bootstrap(len(gaps), lambda idx: sum(gaps[i] for i in idx))
+        model, tokens, label, against = comparison
+        lines.append(f"| {model} | {tokens} | {label} | {against} | {', '.join(rows_of[comparison])} | {len(gaps)} "
+                     f"| {sum(gaps):+d} [{low:+.0f}, {high:+.0f}] |")
+    if not lines:
+        return []
+    return ["The same comparisons summed over the rows that made them (questions resampled with all their rows' gaps):", "",
+            "| model | answer cap | calibration | against | rows | questions | solved − against |",
+            "|---|---|---|---|---|---|---|", *lines, ""]
 
 
 def _count_gap(mine: list[bool], theirs: list[bool]) -> str:

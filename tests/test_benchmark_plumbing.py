@@ -308,3 +308,9 @@ def test_calibration_source_accuracy_pairs_rows_on_the_questions_both_answered()
                      ("self, 16 problems, 640-token window", "gold, 16 problems, 256-token window"),
                      ("self, 16 problems, 640-token window", "gold, 16 problems, 640-token window")], pairs
     assert "| 3 vs 2 of 4: +1 [" in lines[2] and "| 1 vs 2 of 2: -1 [" in lines[2], lines[2]
+    # A comparison made on two rows is also summed over them, question by question.
+    flap_gold, flap_own = (dict(r, row_id="m-flap-uniform-20") for r in (gold, own))
+    section = render.calibration_source_accuracy_section([gold, own, flap_gold, flap_own])
+    (pooled,) = [x for x in section if "| flap 20%, rku 20% |" in x]
+    assert pooled.startswith("| m | 256 | self, 16 problems, 640-token window | gold, 16 problems, 256-token window |")
+    assert "| 6 | +4 [" in pooled, pooled  # 6 shared questions, +2 in each row
