@@ -91,6 +91,13 @@ PRESETS: dict[str, list[str]] = {
     ),
 }
 
+#: The preset each KD preset is compared with in RESULTS.md: the same budget and questions with gold-text CE.
+BASELINES: dict[str, str] = {
+    "cpu-uniform-kd-self": "cpu-uniform",
+    "cpu-uniform-kd-self-L640": "cpu-uniform",
+    "gpu-kd-self": "gpu-ce-gold",
+}
+
 
 def row_id(method: str, preset: str) -> str:
     return f"qwen0.5b-{method}-{preset}"

@@ -24,6 +24,7 @@ from rku_lightning.training.reporting import markdown_table  # noqa: E402
 from .answers import AnswerSet, answer_sets  # noqa: E402
 from .common import RESULTS, ROOT, load_rows  # noqa: E402
 from .oneshot import ATTENTION_SUFFIXES, Settings  # noqa: E402
+from .recover import BASELINES  # noqa: E402
 
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 BOOTSTRAP = 2000
@@ -491,11 +492,16 @@ def _pooled_comparisons(pooled: dict[tuple, dict[tuple[str, int], list[int]]], r
             "|---|---|---|---|---|---|---|", *lines, ""]
 
 
-def _count_gap(mine: list[bool], theirs: list[bool]) -> str:
-    """`a vs b of n: gap [low, high]`, the paired gap in questions."""
+def _question_gap(mine: list[bool], theirs: list[bool]) -> str:
+    """The paired gap in solved questions with its interval: `+2 [-1, +5]`."""
     n = len(mine)
     mean, low, high = paired_gap(mine, theirs)
-    return f"{sum(mine)} vs {sum(theirs)} of {n}: {mean * n:+.0f} [{low * n:+.0f}, {high * n:+.0f}]"
+    return f"{mean * n:+.0f} [{low * n:+.0f}, {high * n:+.0f}]"
+
+
+def _count_gap(mine: list[bool], theirs: list[bool]) -> str:
+    """`a vs b of n: gap [low, high]`."""
+    return f"{sum(mine)} vs {sum(theirs)} of {len(mine)}: {_question_gap(mine, theirs)}"
 
 
 def merge_nll_twins(group: list[dict]) -> dict:
@@ -684,29 +690,30 @@ def _answers(row: dict) -> dict[tuple[int, str], dict[int, bool]]:
 
 
 def _recover_answers_table(rows: list[dict]) -> list[str]:
-    """Accuracy per round from the kept answers, with the paired gap to the RKU run of the same preset."""
+    """Accuracy per round from the kept answers, with paired gaps to the RKU run of the same preset and to the
+    same method's run of the preset's gold-CE baseline (`benchmarks.recover.BASELINES`)."""
     answers = {r["row_id"]: _answers(r) for r in rows}
     kept = [r for r in rows if answers[r["row_id"]]]
     if not kept:
         return []
-    lines = ["Accuracy per round from the kept answers (`<row>.generations.jsonl`; gaps paired per question "
-             "with the RKU run of the same preset, in solved questions):", "",
-             "| row | round | GSM8K | GSM8K − RKU | OOD | OOD − RKU |", "|---|---|---|---|---|---|"]
+    lines = ["Accuracy per round from the kept answers (`<row>.generations.jsonl`; gaps paired per question, in solved "
+             "questions, with the RKU run of the same preset and with the same method's run of the preset's gold-CE "
+             "baseline, `benchmarks.recover.BASELINES`):", "",
+             "| row | round | GSM8K | GSM8K − RKU | GSM8K − gold CE | OOD | OOD − RKU | OOD − gold CE |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in kept:
         rku = next((x for x in kept if x["method"] == "rku" and x["preset"] == r["preset"] and x is not r), None)
+        baseline = next((x for x in kept if x["method"] == r["method"] and x["preset"] == BASELINES.get(r["preset"])), None)
         for round_index in sorted({k[0] for k in answers[r["row_id"]]}):
             cells = []
             for task in ("gsm8k", "ood"):
                 mine = answers[r["row_id"]].get((round_index, task), {})
                 low, high = bootstrap_interval(list(mine.values()))
                 cells.append(f"{sum(mine.values())}/{len(mine)} [{low:.0%}, {high:.0%}]" if mine else "—")
-                theirs = answers[rku["row_id"]].get((round_index, task), {}) if rku else {}
-                if theirs and set(theirs) == set(mine):
-                    gap, low, high = paired_gap([mine[i] for i in sorted(mine)], [theirs[i] for i in sorted(mine)])
-                    n = len(mine)
-                    cells.append(f"{gap * n:+.0f} [{low * n:+.0f}, {high * n:+.0f}]")
-                else:
-                    cells.append("")
+                for other in (rku, baseline):
+                    theirs = answers[other["row_id"]].get((round_index, task), {}) if other else {}
+                    paired = theirs and set(theirs) == set(mine)
+                    cells.append(_question_gap([mine[i] for i in sorted(mine)], [theirs[i] for i in sorted(mine)]) if paired else "")
             lines.append(f"| {r['row_id']} | {round_index} | " + " | ".join(cells) + " |")
     return lines + [""]
 

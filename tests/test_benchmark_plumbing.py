@@ -194,7 +194,7 @@ def test_recover_keeps_every_rounds_answers_beside_the_row(bench_env, monkeypatc
     assert common.load_rows("recover") == []  # answers are not rows
 
 
-def test_recover_accuracy_is_paired_per_question_within_a_preset(bench_env):
+def test_recover_accuracy_is_paired_per_question_within_a_preset_and_with_its_baseline(bench_env, monkeypatch):
     folder = bench_env / "results" / "recover"
     folder.mkdir(parents=True)
     solved = {"rku": {0, 1}, "flap": {0, 2, 3}, "other": {0}}  # GSM8K questions 0-3 solved in round 1
@@ -203,10 +203,12 @@ def test_recover_accuracy_is_paired_per_question_within_a_preset(bench_env):
         (folder / f"{name}.generations.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
     rows = [{"row_id": "rku", "method": "rku", "preset": "p"}, {"row_id": "flap", "method": "flap", "preset": "p"},
             {"row_id": "other", "method": "flap", "preset": "q"}, {"row_id": "none", "method": "rku", "preset": "p"}]
+    monkeypatch.setattr(render, "BASELINES", {"q": "p"})  # `q` is compared with the gold-CE preset `p`
     table = render._recover_answers_table(rows)
     flap = next(line for line in table if line.startswith("| flap |"))
-    assert flap.startswith("| flap | 1 | 3/4 [") and "| +1 [" in flap and flap.endswith("| — |  |")  # 3 vs 2 solved, no OOD
-    assert next(line for line in table if line.startswith("| other |")).split(" | ")[3] == ""  # another preset: no gap
+    assert flap.startswith("| flap | 1 | 3/4 [") and "| +1 [" in flap and flap.endswith("| — |  |  |")  # 3 vs 2 solved, no OOD
+    other = next(line for line in table if line.startswith("| other |")).split(" | ")
+    assert other[3] == "" and other[4].startswith("-2 [")  # no RKU run in `q`; 1 vs flap's 3 in its baseline `p`
     assert not any(line.startswith("| none |") for line in table)  # a run without kept answers
 
 
