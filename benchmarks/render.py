@@ -135,10 +135,11 @@ def _measured_on(row: dict) -> tuple[int, int, str, int, int]:
 
 
 def _main_calibration(rows: list[dict], model: str) -> list[dict]:
-    """`model`'s rows measured with its most used calibration size."""
+    """`model`'s rows measured with its most used calibration (size, source, answer cap and window): the other
+    calibrations are investigation rows with their own tables."""
     mine = [r for r in rows if r["row"]["model"] == model]
-    size = Counter(r["settings"]["calib_samples"] for r in mine).most_common(1)[0][0]
-    return [r for r in mine if r["settings"]["calib_samples"] == size]
+    main = Counter(_measured_on(r)[1:] for r in mine).most_common(1)[0][0]
+    return [r for r in mine if _measured_on(r)[1:] == main]
 
 
 def oneshot_tables(rows: list[dict]) -> list[str]:
