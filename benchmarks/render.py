@@ -405,11 +405,10 @@ def calibration_source_section(rows: list[dict]) -> list[str]:
     return out + [""]
 
 
-def _on_common_questions(row: dict, reference: dict, task: str) -> tuple[list[bool], list[bool]]:
-    """Both rows' correctness on the `task` questions they both answered, in `row`'s order."""
+def _on_common_questions(row: dict, reference: dict, task: str) -> list[tuple[int, bool, bool]]:
+    """(question index, `row` correct, `reference` correct) for the `task` questions both answered, in `row`'s order."""
     theirs = dict(zip(reference[f"{task}_indices"], reference[f"{task}_correct"]))
-    common = [(flag, theirs[i]) for i, flag in zip(row[f"{task}_indices"], row[f"{task}_correct"]) if i in theirs]
-    return [a for a, _ in common], [b for _, b in common]
+    return [(i, flag, theirs[i]) for i, flag in zip(row[f"{task}_indices"], row[f"{task}_correct"]) if i in theirs]
 
 
 def _calibration_label(row: dict) -> str:
@@ -445,14 +444,13 @@ def calibration_source_accuracy_section(rows: list[dict]) -> list[str]:
                 rows_of[comparison].append(f"{method_name(row)} {meta['sparsity']:.0%}")
                 cells, pooled_row, pooled_gold = [], [], []
                 for task in ("gsm8k", "svamp"):
-                    mine, theirs = _on_common_questions(row, gold, task)
+                    common = _on_common_questions(row, gold, task)
+                    mine, theirs = [a for _, a, _ in common], [b for _, _, b in common]
                     pooled_row += mine
                     pooled_gold += theirs
                     cells.append(_count_gap(mine, theirs))
-                    theirs_of = dict(zip(gold[f"{task}_indices"], gold[f"{task}_correct"]))
-                    for i, flag in zip(row[f"{task}_indices"], row[f"{task}_correct"]):
-                        if i in theirs_of:
-                            pooled[comparison][(task, i)].append(int(flag) - int(theirs_of[i]))
+                    for i, a, b in common:
+                        pooled[comparison][(task, i)].append(int(a) - int(b))
                 cells.append(_count_gap(pooled_row, pooled_gold))
                 out.append(f"| {meta['model']} | {meta['allocation']} | {meta['sparsity']:.0%} | {method_name(row)} | {tokens} "
                            f"| {_calibration_label(row)} | {_calibration_label(gold)} | " + " | ".join(cells) + " |")

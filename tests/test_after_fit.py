@@ -26,6 +26,7 @@ class FullLM(TinyLM):
     """A user's module with every stage, that restores pruned shapes from a checkpoint (docs/lightning.md)."""
 
     def test_step(self, batch, batch_idx):
+        """Lightning's test hook (not a pytest test): `trainer.test` logs the pruned model's loss through it."""
         self.log("test/loss", self._loss(batch), batch_size=batch["input_ids"].shape[0])
 
     def predict_step(self, batch, batch_idx):
@@ -37,6 +38,7 @@ class FullLM(TinyLM):
 
 class EvalData(TokenData):
     def test_dataloader(self):
+        """Lightning's test-data hook (not a pytest test): the batches `trainer.test` runs after fit."""
         return DataLoader(tiny_batches(2, batch_size=2, seed=3), batch_size=None)
 
     def predict_dataloader(self):
@@ -266,6 +268,7 @@ class TrainOnly(L.LightningDataModule):
         return self.tokens.calibration_dataloader()
 
     def test_dataloader(self):
+        """Lightning's test-data hook (not a pytest test): the batches `trainer.test` runs after fit."""
         return DataLoader(tiny_batches(2, batch_size=2, seed=3), batch_size=None)
 
 

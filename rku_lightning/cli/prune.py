@@ -19,11 +19,10 @@ from rku_lightning.cli.errors import DEBUG_HELP, OneLineParser, UsageError, run_
 from rku_lightning.evaluation.calibration import (
     CALIBRATION_SOURCES,
     calibration_batches,
-    sample_problems,
     self_calibration_problems,
+    warn_if_calibration_cut,
 )
 from rku_lightning.evaluation.data import load_problems
-from rku_lightning.evaluation.prompts import warn_if_cut
 from rku_lightning.evaluation.traces import TRACE_FILTERS
 from rku_lightning.loading import DTYPES, load_causal_lm
 from rku_lightning.paths import task_file
@@ -136,8 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
                 model, tokenizer, problems, args.samples, args.seed, args.trace_keep, args.trace_max_new_tokens, args.batch_size
             )
         if args.objective != "hidden":  # `hidden` calibrates on the questions alone
-            chosen = sample_problems(problems, min(args.samples, len(problems)), args.seed)  # what calibration_batches takes
-            warn_if_cut(tokenizer, chosen, args.max_length, f"--calibration-source {args.calibration_source}", "--max-length")
+            warn_if_calibration_cut(tokenizer, problems, args.samples, args.max_length, args.seed,
+                                    f"--calibration-source {args.calibration_source}", "--max-length")
         batches = calibration_batches(
             tokenizer, problems, args.samples, args.batch_size, args.max_length,
             questions_only=args.objective == "hidden", seed=args.seed,

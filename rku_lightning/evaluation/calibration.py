@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rku_lightning.checks import positive_int
 
 from .data import Problem
-from .prompts import build_prompt, collate_left, encode_prompts, encode_solution
+from .prompts import build_prompt, collate_left, encode_prompts, encode_solution, warn_if_cut
 from .traces import TraceFilter, as_problems, cached_traces
 
 CALIBRATION_SOURCES: tuple[str, ...] = ("gold", "self")
@@ -32,6 +32,15 @@ def sample_problems(problems: Sequence[Problem], samples: int, seed: int = 0) ->
         warnings.warn(f"samples={samples} but the calibration set has {len(problems)} problems: using all {len(problems)}", stacklevel=2)
     chosen = sorted(random.Random(seed).sample(range(len(problems)), min(samples, len(problems))))
     return [problems[i] for i in chosen]
+
+
+def warn_if_calibration_cut(
+    tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem], samples: int, max_length: int, seed: int, field: str,
+    option: str = "max_length",
+) -> None:
+    """`warn_if_cut` on the sample `calibration_batches` will take, before any compute (the short-set warning is
+    left to `calibration_batches`)."""
+    warn_if_cut(tokenizer, sample_problems(problems, min(samples, len(problems)), seed), max_length, field, option)
 
 
 def calibration_batches(

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from transformers import PreTrainedTokenizerBase
 
 from rku_lightning.checks import one_of, positive_int
-from rku_lightning.evaluation.calibration import calibration_batches, sample_problems
+from rku_lightning.evaluation.calibration import calibration_batches, sample_problems, warn_if_calibration_cut
 from rku_lightning.evaluation.data import TASKS, Problem, Task, load_problems
 from rku_lightning.evaluation.generation import PromptDataset, collate_prompts
 from rku_lightning.evaluation.prompts import build_prompt, collate_left, encode_solution, warn_if_cut
@@ -271,9 +271,8 @@ class ReasoningDataModule(LightningDataModule):
                 self.train_problems = as_problems(self._dense_traces(chosen, "train_source"), hp.trace_keep)
             warn_if_cut(self.tokenizer, self.train_problems, hp.max_length, f"train_source={hp.train_source!r}")
             if hp.calibration_source != "current":  # `current` traces are written each round, after setup
-                chosen = sample_problems(self.calibration_problems, min(hp.calibration_samples, len(self.calibration_problems)),
-                                         hp.seed)  # calibration_batches' sample (which warns if it is short)
-                warn_if_cut(self.tokenizer, chosen, hp.max_length, f"calibration_source={hp.calibration_source!r}")
+                warn_if_calibration_cut(self.tokenizer, self.calibration_problems, hp.calibration_samples, hp.max_length,
+                                        hp.seed, f"calibration_source={hp.calibration_source!r}")
         if stage in (None, "fit", "validate") and self.val_set is None:
             val = load_problems(self._source(hp.val_data, hp.val_task), hp.val_task, split=hp.val_split, limit=hp.val_limit)
             val_problems = self._fits(list(val), "val_data")
