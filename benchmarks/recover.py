@@ -71,6 +71,8 @@ PRESETS: dict[str, list[str]] = {
     # The same in a window that holds the prompt and the whole trace: a 256-token window holds only the
     # opening of most traces (RESULTS.md, "Why the answers are wrong"). About 2.5x the recovery time.
     "cpu-uniform-kd-self-L640": with_option(CPU_KD_SELF, "--data.max_length=640"),
+    # Its gold-CE pair in the same window: a 256-token window cuts 30 % of the gold solutions' tokens too.
+    "cpu-uniform-L640": with_option(CPU_UNIFORM, "--data.max_length=640"),
     # One GPU (benchmarks/gpu_reasoning.sh): the config's budget (4 rounds to 40 %, 50 steps of 4 sequences),
     # uniform allocation, 100 + 100 validation questions in batches of 100; answers and traces up to 512
     # tokens in 640-token windows, so that neither the cap nor the window decides gold vs self (RESULTS.md,
@@ -94,7 +96,7 @@ PRESETS: dict[str, list[str]] = {
 #: The preset each KD preset is compared with in RESULTS.md: the same budget and questions with gold-text CE.
 BASELINES: dict[str, str] = {
     "cpu-uniform-kd-self": "cpu-uniform",
-    "cpu-uniform-kd-self-L640": "cpu-uniform",
+    "cpu-uniform-kd-self-L640": "cpu-uniform-L640",
     "gpu-kd-self": "gpu-ce-gold",
 }
 

@@ -270,7 +270,7 @@ def test_shipped_configs_parse(config):
 @pytest.mark.parametrize(
     "preset, rounds, val_limit",
     [("cpu", 2, 32), ("cpu-uniform", 2, 32), ("cpu-recovery-only", 1, 32), ("cpu-uniform-kd-self", 2, 32),
-     ("cpu-uniform-kd-self-L640", 2, 32), ("gpu-ce-gold", 4, 100), ("gpu-kd-self", 4, 100), ("gpu-recovery-only", 1, 100)],
+     ("cpu-uniform-kd-self-L640", 2, 32), ("cpu-uniform-L640", 2, 32), ("gpu-ce-gold", 4, 100), ("gpu-kd-self", 4, 100), ("gpu-recovery-only", 1, 100)],
 )
 def test_recover_presets_parse(preset, rounds, val_limit):
     """The benchmark's presets are valid overrides of the config they modify."""
