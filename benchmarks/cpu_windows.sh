@@ -1,34 +1,28 @@
 #!/usr/bin/env bash
 # The reasoning issue's rows with windows that hold whole texts (640 tokens: prompt plus a whole trace or gold
-# solution), on 2 CPU cores in two parallel lanes of one torch thread each (about 4 h from scratch; finished
-# rows are skipped, so a rerun measures only what is missing):
-#   lane 1: KD on the dense model's own traces to 40 % (`cpu-uniform-kd-self-L640`, ~100 min) and its pair, CE on
-#           gold text in the same window (`cpu-uniform-L640`, ~70 min); one-shot RKU 20 % and FLAP 30 % on gold;
-#   lane 2: one-shot accuracy (first 32 GSM8K + 32 SVAMP, ~25 min each) of FLAP 20 %, RKU / FLAP 30 %, kinetic
-#           20 % and RKU 40 % calibrated on self traces, and of FLAP 20 %, RKU 30 %, kinetic 20 % and RKU 40 % on
-#           gold text.
-# The two recover runs do not share a lane: together they would need about 30 GiB.
+# solution), on 2 CPU cores in two parallel lanes of one torch thread each (about 4 h 30 min from scratch;
+# finished rows are skipped, so a rerun measures only what is missing):
+#   lane 1: prune-and-recover to 40 % (uniform, 2 rounds x 16 steps): KD on the dense model's own traces for RKU
+#           and FLAP (`cpu-uniform-kd-self-L640`, ~100 min each) and CE on gold text for RKU in the same window
+#           (`cpu-uniform-L640`, ~60 min; FLAP's gold-CE run is `cpu-uniform`, 256 tokens);
+#   lane 2: one-shot accuracy (first 32 GSM8K + 32 SVAMP, ~20 min each) calibrated on self traces and on gold
+#           text: RKU and FLAP at 20, 30 and 40 % uniform, and the best global variant at 40 % by CoT NLL
+#           (kinetic, MLP only). Uniform `kinetic` rows would repeat the `rku` ones: under uniform allocation
+#           the two prune the same structures.
+# The recover runs share a lane because two at once would need about 30 GiB.
 # RESULTS.md pairs them in "Calibration source: accuracy" and in the prune-and-recover accuracy table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-oneshot() { python -m benchmarks.oneshot --row "$1" --calib-source "$2" --calib-max-length 640 --no-kl --threads 1; }
-recover() { python -m benchmarks.recover --method rku --preset "$1" --threads 1; }
 (
-  recover cpu-uniform-kd-self-L640
-  recover cpu-uniform-L640
-  oneshot qwen0.5b-rku-uniform-20 gold
-  oneshot qwen0.5b-flap-uniform-30 gold
+  for method in rku flap; do python -m benchmarks.recover --method $method --preset cpu-uniform-kd-self-L640 --threads 1; done
+  python -m benchmarks.recover --method rku --preset cpu-uniform-L640 --threads 1
 ) &
 (
-  oneshot qwen0.5b-flap-uniform-20 self
-  oneshot qwen0.5b-rku-uniform-30 self
-  oneshot qwen0.5b-flap-uniform-20 gold
-  oneshot qwen0.5b-flap-uniform-30 self
-  oneshot qwen0.5b-rku-uniform-30 gold
-  oneshot qwen0.5b-kinetic-uniform-20 self
-  oneshot qwen0.5b-kinetic-uniform-20 gold
-  oneshot qwen0.5b-rku-uniform-40 self
-  oneshot qwen0.5b-rku-uniform-40 gold
+  for row in rku-uniform-20 rku-uniform-30 rku-uniform-40 flap-uniform-20 flap-uniform-30 flap-uniform-40 kinetic_mlp-global-40; do
+    for source in self gold; do
+      python -m benchmarks.oneshot --row "qwen0.5b-$row" --calib-source $source --calib-max-length 640 --no-kl --threads 1
+    done
+  done
 ) &
 wait
 python -m benchmarks.run render

@@ -697,12 +697,13 @@ def _recover_answers_table(rows: list[dict]) -> list[str]:
         return []
     lines = ["Accuracy per round from the kept answers (`<row>.generations.jsonl`; gaps paired per question, in solved "
              "questions, with the RKU run of the same preset and with the same method's run of the preset's gold-CE "
-             "baseline, `benchmarks.recover.BASELINES`):", "",
+             "baseline, named in the cell, `benchmarks.recover.BASELINES`):", "",
              "| row | round | GSM8K | GSM8K − RKU | GSM8K − gold CE | OOD | OOD − RKU | OOD − gold CE |",
              "|---|---|---|---|---|---|---|---|"]
     for r in kept:
         rku = next((x for x in kept if x["method"] == "rku" and x["preset"] == r["preset"] and x is not r), None)
-        baseline = next((x for x in kept if x["method"] == r["method"] and x["preset"] == BASELINES.get(r["preset"])), None)
+        baseline = next((x for preset in BASELINES.get(r["preset"], ()) for x in kept
+                         if x["method"] == r["method"] and x["preset"] == preset), None)
         for round_index in sorted({k[0] for k in answers[r["row_id"]]}):
             cells = []
             for task in ("gsm8k", "ood"):
@@ -712,7 +713,8 @@ def _recover_answers_table(rows: list[dict]) -> list[str]:
                 for other in (rku, baseline):
                     theirs = answers[other["row_id"]].get((round_index, task), {}) if other else {}
                     paired = theirs and set(theirs) == set(mine)
-                    cells.append(_question_gap([mine[i] for i in sorted(mine)], [theirs[i] for i in sorted(mine)]) if paired else "")
+                    gap = _question_gap([mine[i] for i in sorted(mine)], [theirs[i] for i in sorted(mine)]) if paired else ""
+                    cells.append(f"{gap} (`{other['preset']}`)" if gap and other is baseline else gap)
             lines.append(f"| {r['row_id']} | {round_index} | " + " | ".join(cells) + " |")
     return lines + [""]
 

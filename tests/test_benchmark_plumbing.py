@@ -203,12 +203,13 @@ def test_recover_accuracy_is_paired_per_question_within_a_preset_and_with_its_ba
         (folder / f"{name}.generations.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
     rows = [{"row_id": "rku", "method": "rku", "preset": "p"}, {"row_id": "flap", "method": "flap", "preset": "p"},
             {"row_id": "other", "method": "flap", "preset": "q"}, {"row_id": "none", "method": "rku", "preset": "p"}]
-    monkeypatch.setattr(render, "BASELINES", {"q": "p"})  # `q` is compared with the gold-CE preset `p`
+    monkeypatch.setattr(render, "BASELINES", {"q": ("absent", "p")})  # `q` is compared with `p`, no run in `absent`
     table = render._recover_answers_table(rows)
     flap = next(line for line in table if line.startswith("| flap |"))
     assert flap.startswith("| flap | 1 | 3/4 [") and "| +1 [" in flap and flap.endswith("| — |  |  |")  # 3 vs 2 solved, no OOD
     other = next(line for line in table if line.startswith("| other |")).split(" | ")
     assert other[3] == "" and other[4].startswith("-2 [")  # no RKU run in `q`; 1 vs flap's 3 in its baseline `p`
+    assert other[4].endswith("(`p`)")
     assert not any(line.startswith("| none |") for line in table)  # a run without kept answers
 
 
