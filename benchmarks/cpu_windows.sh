@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The reasoning issue's rows with windows that hold whole texts (640 tokens: prompt plus a whole trace or gold
-# solution), on 2 CPU cores in two parallel lanes of one torch thread each (about 4 h 30 min from scratch;
+# solution), on 2 CPU cores in two parallel lanes of one torch thread each (about 5 h 30 min from scratch;
 # finished rows are skipped, so a rerun measures only what is missing):
-#   lane 1: prune-and-recover to 40 % (uniform, 2 rounds x 16 steps): KD on the dense model's own traces for RKU
-#           and FLAP (`cpu-uniform-kd-self-L640`, ~100 min each) and CE on gold text for RKU in the same window
-#           (`cpu-uniform-L640`, ~60 min; FLAP's gold-CE run is `cpu-uniform`, 256 tokens);
+#   lane 1: prune-and-recover to 40 % (uniform, 2 rounds x 16 steps) for RKU and FLAP: KD on the dense model's own
+#           traces (`cpu-uniform-kd-self-L640`, 80-100 min each) and CE on gold text in the same window
+#           (`cpu-uniform-L640`, ~60 min each);
 #   lane 2: one-shot accuracy (first 32 GSM8K + 32 SVAMP, ~20 min each) calibrated on self traces and on gold
 #           text: RKU and FLAP at 20, 30 and 40 % uniform, and the best global variant at 40 % by CoT NLL
 #           (kinetic, MLP only). Uniform `kinetic` rows would repeat the `rku` ones: under uniform allocation
@@ -14,8 +14,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 (
-  for method in rku flap; do python -m benchmarks.recover --method $method --preset cpu-uniform-kd-self-L640 --threads 1; done
-  python -m benchmarks.recover --method rku --preset cpu-uniform-L640 --threads 1
+  for preset in cpu-uniform-kd-self-L640 cpu-uniform-L640; do
+    for method in rku flap; do python -m benchmarks.recover --method $method --preset $preset --threads 1; done
+  done
 ) &
 (
   for row in rku-uniform-20 rku-uniform-30 rku-uniform-40 flap-uniform-20 flap-uniform-30 flap-uniform-40 kinetic_mlp-global-40; do
