@@ -36,10 +36,13 @@ class FullLM(TinyLM):
         restore_pruned_shapes(self, checkpoint)
 
 
+def held_out_loader(self) -> DataLoader:
+    """The batches `trainer.test` runs after fit: the test-data hook of the DataModules below."""
+    return DataLoader(tiny_batches(2, batch_size=2, seed=3), batch_size=None)
+
+
 class EvalData(TokenData):
-    def test_dataloader(self):
-        """Lightning's test-data hook (not a pytest test): the batches `trainer.test` runs after fit."""
-        return DataLoader(tiny_batches(2, batch_size=2, seed=3), batch_size=None)
+    test_dataloader = held_out_loader  # Lightning's test-data hook
 
     def predict_dataloader(self):
         return DataLoader(tiny_batches(1, batch_size=2, seed=4), batch_size=None)
@@ -267,9 +270,7 @@ class TrainOnly(L.LightningDataModule):
     def calibration_dataloader(self):
         return self.tokens.calibration_dataloader()
 
-    def test_dataloader(self):
-        """Lightning's test-data hook (not a pytest test): the batches `trainer.test` runs after fit."""
-        return DataLoader(tiny_batches(2, batch_size=2, seed=3), batch_size=None)
+    test_dataloader = held_out_loader  # Lightning's test-data hook
 
 
 @pytest.mark.parametrize("saver", [dict(save_on_train_epoch_end=True, save_last=True), dict(every_n_epochs=1)],
