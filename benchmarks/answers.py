@@ -59,8 +59,11 @@ def oneshot_answer_sets() -> list[AnswerSet]:
     return sets
 
 
-def _recover_cap(row: dict) -> int:
-    """The validation answer cap of a recover run: its config's `model.max_new_tokens`, or the override."""
+def answer_cap(row: dict) -> int:
+    """The answer cap of a recover row: a `recover_cap` row's own, else the run's config's
+    `model.max_new_tokens` or its override."""
+    if "cap" in row:
+        return row["cap"]
     for override in row["overrides"]:
         if override.startswith("--model.max_new_tokens="):
             return int(override.split("=", 1)[1])
@@ -68,12 +71,14 @@ def _recover_cap(row: dict) -> int:
 
 
 def recover_answer_sets() -> list[AnswerSet]:
-    """Each prune-and-recover run's kept validation answers, one set per round and task."""
+    """Each prune-and-recover run's kept validation answers, one set per round and task; then the final
+    answers under longer caps (`benchmarks.recover_cap`, folders `recover_t<CAP>`)."""
     sets = []
-    for path in sorted((RESULTS / "recover").glob("*.generations.jsonl")):
+    paths = sorted((RESULTS / "recover").glob("*.generations.jsonl")) + sorted(RESULTS.glob("recover_t*/*.generations.jsonl"))
+    for path in paths:
         row = json.loads(path.with_name(path.name.replace(".generations.jsonl", ".json")).read_text())
-        sparsity = {r["round"]: r["sparsity"] for r in row["report"]["rounds"]}
-        cap = _recover_cap(row)
+        sparsity = {row["round"]: row["sparsity"]} if "cap" in row else {r["round"]: r["sparsity"] for r in row["report"]["rounds"]}
+        cap = answer_cap(row)
         by_key: dict[tuple[int, str], AnswerSet] = {}
         for answer in map(json.loads, filter(None, path.read_text().splitlines())):
             key = (answer["round"], "svamp" if answer["task"] == "ood" else answer["task"])

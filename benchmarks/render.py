@@ -742,6 +742,42 @@ def _recover_final_table(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def cap_section(rows: list[dict]) -> list[str]:
+    """Recover rows' final answers under a longer cap (`benchmarks.recover_cap`): what the cap took from each
+    model, and each KD row against its gold-CE baseline under both caps (both tasks together)."""
+    lines = [
+        "## Answer cap: recovered models' final answers with room to finish",
+        "",
+        "`python -m benchmarks.recover_cap`: each row's exported model regenerates the final round's answers that used "
+        "the whole cap (*regenerated*: how many, and how many repeat the old answer up to the old cap) and, as a control, "
+        "its first finished answers per task, which must come back unchanged; *same model*: a rebuilt model logged the "
+        "row's teacher-forced metrics every round. Gaps paired per question, in solved questions.",
+        "",
+        "| row | cap | GSM8K | OOD | both − at old cap | cut | regenerated (same start) | controls unchanged | same model |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        g, s = r["gsm8k"], r["ood"]
+        old = r["base_cap"]
+        now, before = g["correct"] + s["correct"], g[f"correct_at_{old}"] + s[f"correct_at_{old}"]
+        cut_now, cut_before = sum(g["cut"] + s["cut"]), sum(g[f"cut_at_{old}"] + s[f"cut_at_{old}"])
+        lines.append(
+            f"| {r['row_id']} | {old} → {r['cap']} | {sum(g[f'correct_at_{old}'])} → {sum(g['correct'])} of {len(g['correct'])} "
+            f"| {sum(s[f'correct_at_{old}'])} → {sum(s['correct'])} of {len(s['correct'])} | {_question_gap(now, before)} "
+            f"| {cut_before} → {cut_now} | {g['cut_regenerated'] + s['cut_regenerated']} ({g['cut_same_start'] + s['cut_same_start']}) "
+            f"| {g['controls_unchanged'] + s['controls_unchanged']} of {g['controls'] + s['controls']} | {'yes' if r['same_model'] else 'no'} |"
+        )
+    pairs = [(r, b) for r in rows for preset in BASELINES.get(r["preset"], ())[:1] for b in rows
+             if b["preset"] == preset and b["method"] == r["method"] and b["cap"] == r["cap"]]
+    if pairs:
+        lines += ["", "| pair | at the old cap | at the longer cap |", "|---|---|---|"]
+        for r, b in pairs:
+            old = r["base_cap"]
+            cells = [_count_gap(r["gsm8k"][key] + r["ood"][key], b["gsm8k"][key] + b["ood"][key]) for key in (f"correct_at_{old}", "correct")]
+            lines.append(f"| `{r['preset']}` − `{b['preset']}` ({r['method']}) | {cells[0]} | {cells[1]} |")
+    return lines + [""]
+
+
 def _steps_right(answers: AnswerSet) -> str:
     """Share of the written steps computed right, resampling whole answers (an answer's steps are not independent)."""
     total = sum(answers.steps)
@@ -800,6 +836,8 @@ def render() -> Path:
         lines += peer_section(peer, rows)
     if recover := load_rows("recover"):
         lines += recover_section(recover, RESULTS / "recover_rounds.png")
+    if capped := [row for folder in sorted(RESULTS.glob("recover_t*")) for row in load_rows(folder.name)]:
+        lines += cap_section(capped)
     if efficiency := load_rows("efficiency"):
         lines += efficiency_section(efficiency)
     if llama_cpp := load_rows("llama_cpp"):
