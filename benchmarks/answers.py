@@ -60,7 +60,7 @@ def oneshot_answer_sets() -> list[AnswerSet]:
 
 
 def answer_cap(row: dict) -> int:
-    """The answer cap of a recover row: a `recover_cap` row's own, else the run's config's
+    """The answer cap of a recover row: a `recover_answers` row's own, else the run's config's
     `model.max_new_tokens` or its override."""
     if "cap" in row:
         return row["cap"]
@@ -72,18 +72,19 @@ def answer_cap(row: dict) -> int:
 
 def recover_answer_sets() -> list[AnswerSet]:
     """Each prune-and-recover run's kept validation answers, one set per round and task; then the final
-    answers under longer caps (`benchmarks.recover_cap`, folders `recover_t<CAP>`)."""
+    answers under longer caps and on more questions (`benchmarks.recover_answers`, folders `recover_t<CAP>`, `recover_q<N>`)."""
     sets = []
-    paths = sorted((RESULTS / "recover").glob("*.generations.jsonl")) + sorted(RESULTS.glob("recover_t*/*.generations.jsonl"))
+    paths = sorted((RESULTS / "recover").glob("*.generations.jsonl")) + sorted(RESULTS.glob("recover_*/*.generations.jsonl"))
     for path in paths:
         row = json.loads(path.with_name(path.name.replace(".generations.jsonl", ".json")).read_text())
         sparsity = {row["round"]: row["sparsity"]} if "cap" in row else {r["round"]: r["sparsity"] for r in row["report"]["rounds"]}
         cap = answer_cap(row)
+        suffix = path.parent.name.removeprefix("recover").lstrip("_")
         by_key: dict[tuple[int, str], AnswerSet] = {}
         for answer in map(json.loads, filter(None, path.read_text().splitlines())):
             key = (answer["round"], "svamp" if answer["task"] == "ood" else answer["task"])
             if key not in by_key:
-                by_key[key] = AnswerSet(f"{row['row_id']} round {key[0]}", sparsity.get(key[0], 0.0), cap, key[1])
+                by_key[key] = AnswerSet(f"{row['row_id']} round {key[0]}" + (f" ({suffix})" if suffix else ""), sparsity.get(key[0], 0.0), cap, key[1])
             by_key[key].add(answer["text"], answer["tokens"], answer["correct"])
         sets += [by_key[key] for key in sorted(by_key)]
     return sets

@@ -743,12 +743,12 @@ def _recover_final_table(rows: list[dict]) -> list[str]:
 
 
 def cap_section(rows: list[dict]) -> list[str]:
-    """Recover rows' final answers under a longer cap (`benchmarks.recover_cap`): what the cap took from each
+    """Recover rows' final answers under a longer cap (`benchmarks.recover_answers --cap`): what the cap took from each
     model, and each KD row against its gold-CE baseline under both caps (both tasks together)."""
     lines = [
         "## Answer cap: recovered models' final answers with room to finish",
         "",
-        "`python -m benchmarks.recover_cap`: each row's exported model regenerates the final round's answers that used "
+        "`python -m benchmarks.recover_answers --cap N`: each row's exported model regenerates the final round's answers that used "
         "the whole cap (*regenerated*: how many, and how many repeat the old answer up to the old cap) and, as a control, "
         "its first finished answers per task, which must come back unchanged; *same model*: a rebuilt model logged the "
         "row's teacher-forced metrics every round. Gaps paired per question, in solved questions.",
@@ -775,6 +775,48 @@ def cap_section(rows: list[dict]) -> list[str]:
             old = r["base_cap"]
             cells = [_count_gap(r["gsm8k"][key] + r["ood"][key], b["gsm8k"][key] + b["ood"][key]) for key in (f"correct_at_{old}", "correct")]
             lines.append(f"| `{r['preset']}` − `{b['preset']}` ({r['method']}) | {cells[0]} | {cells[1]} |")
+    return lines + [""]
+
+
+def _dense_on(oneshot: list[dict], task: str, indices: list[int], cap: int) -> list[bool] | None:
+    """The dense model's results on these questions of `task` (`gsm8k` / `svamp`) with this cap, from any one-shot row."""
+    for row in oneshot:
+        if row["row_id"].endswith("-dense") and row["settings"]["max_new_tokens"] == cap:
+            found = dict(zip(row.get(f"{task}_indices", []), row.get(f"{task}_correct", [])))
+            if all(i in found for i in indices):
+                return [bool(found[i]) for i in indices]
+    return None
+
+
+def questions_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
+    """Recover rows' final answers on more questions (`benchmarks.recover_answers --questions`): each against the
+    dense model on the same questions, and against the RKU run of the same preset."""
+    lines = [
+        "## More questions: recovered models' final answers",
+        "",
+        "`python -m benchmarks.recover_answers --questions N`: the row's own final answers, then its exported model's "
+        "answers to the next questions of each set (*controls*: the row's finished answers regenerated, which must come "
+        "back unchanged). Gaps paired per question, in solved questions; *of dense*: solved over the dense model's solved "
+        "on the same questions (dense from the one-shot rows, same cap).",
+        "",
+        "| row | GSM8K | dense | − dense | of dense | OOD | dense | − dense | − RKU (GSM8K, OOD) | controls unchanged |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = []
+        for task, name in (("gsm8k", "gsm8k"), ("ood", "svamp")):
+            mine = r[task]["correct"]
+            low, high = bootstrap_interval(mine)
+            dense = _dense_on(oneshot, name, r[task]["indices"], r["cap"])
+            cells += [f"{sum(mine)}/{len(mine)} [{low:.0%}, {high:.0%}]", f"{sum(dense)}/{len(dense)}" if dense else "—",
+                      _question_gap(mine, dense) if dense else ""]
+            if task == "gsm8k":
+                cells.append(f"{sum(mine) / sum(dense):.0%}" if dense and sum(dense) else "")
+        rku = next((x for x in rows if x["method"] == "rku" and x["preset"] == r["preset"] and x is not r), None)
+        paired = rku and all(rku[t]["indices"] == r[t]["indices"] for t in ("gsm8k", "ood"))
+        cells.append(", ".join(_question_gap(r[t]["correct"], rku[t]["correct"]) for t in ("gsm8k", "ood")) if paired else "")
+        controls = sum(r[t]["controls_unchanged"] for t in ("gsm8k", "ood")), sum(r[t]["controls"] for t in ("gsm8k", "ood"))
+        lines.append(f"| {r['row_id']} | " + " | ".join(cells) + f" | {controls[0]} of {controls[1]} |")
     return lines + [""]
 
 
@@ -838,6 +880,8 @@ def render() -> Path:
         lines += recover_section(recover, RESULTS / "recover_rounds.png")
     if capped := [row for folder in sorted(RESULTS.glob("recover_t*")) for row in load_rows(folder.name)]:
         lines += cap_section(capped)
+    if more := [row for folder in sorted(RESULTS.glob("recover_q*")) for row in load_rows(folder.name)]:
+        lines += questions_section(more, rows)
     if efficiency := load_rows("efficiency"):
         lines += efficiency_section(efficiency)
     if llama_cpp := load_rows("llama_cpp"):
