@@ -12,7 +12,8 @@ cap ends the same way under a longer one. Two checks make that a measurement of 
 are recorded in the row:
 
 - `same_model`: a row whose exported model is gone (a fresh machine) is rebuilt by the row's own
-  `train.py` command without per-round generation (which samples nothing), and every round's
+  `train.py` command without per-round generation (greedy, so it draws no random numbers; validation
+  itself still runs, since its data loaders draw from the stream that training's dropout uses), and every round's
   teacher-forced `val/kl_to_dense` and `val/cot_nll` must equal the row's. A model that differs has
   all its answers regenerated instead, and the row says so.
 - `cut_same_start`: each regenerated cut answer must repeat the old one up to the old cap, and the
