@@ -42,8 +42,8 @@ import yaml
 from rku_lightning.evaluation.data import load_problems
 from rku_lightning.evaluation.evaluate import evaluate_model
 from rku_lightning.files import write_text_atomic
-from rku_lightning.paths import shared_data_dir
 from rku_lightning.pruning.export import load_pruned
+from rku_lightning.training.datamodule import task_source
 
 from . import recover
 from .answers import answer_cap
@@ -96,28 +96,27 @@ def _final_answers(method: str, preset: str) -> tuple[int, list[dict]]:
     return last, [a for a in answers if a["round"] == last]
 
 
-def validation_sources(run: Path) -> dict[str, tuple[str, str, str]]:
-    """Where a run's validation questions came from, per generations task: (source, task, split), from the
-    config `train.py` saved in the run folder (a `*_data` left unset means the task's shared folder)."""
+def validation_sources(run: Path) -> dict[str, dict]:
+    """How to load a run's validation questions, per kept-answers task (`load_problems` arguments), from the
+    config `train.py` saved in the run folder, read as the data module reads it."""
     found = sorted(run.glob("**/config.yaml"))
     if not found:
         raise FileNotFoundError(f"{run}: no saved config.yaml; the run's questions are unknown (rerun the row)")
     data = yaml.safe_load(found[0].read_text())["data"]
-    sources = {}
-    for task, prefix in TASKS.items():
-        name = data.get(f"{prefix}_task", "svamp" if prefix == "ood" else "gsm8k")
-        sources[task] = (data.get(f"{prefix}_data") or str(shared_data_dir() / name), name, data.get(f"{prefix}_split") or "test")
-    return sources
+    return {
+        task: {"source": task_source(data[f"{prefix}_data"], data[f"{prefix}_task"]), "task": data[f"{prefix}_task"],
+               "split": data[f"{prefix}_split"], **((data.get("ood_fields") or {}) if prefix == "ood" else {})}
+        for task, prefix in TASKS.items()
+    }
 
 
-def _problems(source: tuple[str, str, str], indices: list[int], golds: list[float]) -> list:
-    path, task, split = source
+def _problems(source: dict, indices: list[int], golds: list[float]) -> list:
     if not indices:
         return []
-    problems = {p.index: p for p in load_problems(path, task=task, split=split, limit=max(indices) + 1)}
+    problems = {p.index: p for p in load_problems(**source, limit=max(indices) + 1)}
     chosen = [problems[i] for i in indices]
     if [p.answer for p in chosen] != golds:
-        raise ValueError(f"{path}: its {task} answers differ from the kept ones; not the questions the row answered")
+        raise ValueError(f"{source['source']}: its {source['task']} answers differ from the kept ones; not the questions the row answered")
     return chosen
 
 
@@ -133,7 +132,7 @@ def finish_answers(model, tokenizer, answers: list[dict], sources: dict, old_cap
         chosen = {id(a) for a in finished[:controls]}
         redo = [a for a in mine if everything or (cap > old_cap and a["tokens"] >= old_cap) or id(a) in chosen]
         known = {a["index"] for a in mine}
-        extra = [p for p in load_problems(source[0], task=source[1], split=source[2], limit=questions) if p.index not in known] if questions else []
+        extra = [p for p in load_problems(**source, limit=questions) if p.index not in known] if questions else []
         problems = _problems(source, [a["index"] for a in redo], [a["answer"] for a in redo]) + extra
         result = evaluate_model(model, tokenizer, problems, batch_size, cap, nll=False, progress=True) if problems else {"predictions": []}
         fresh = {}

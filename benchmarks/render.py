@@ -742,6 +742,11 @@ def _recover_final_table(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def _controls_cell(row: dict) -> str:
+    """A `recover_answers` row's controls, both tasks: `unchanged of regenerated`."""
+    return f"{sum(row[t]['controls_unchanged'] for t in ('gsm8k', 'ood'))} of {sum(row[t]['controls'] for t in ('gsm8k', 'ood'))}"
+
+
 def cap_section(rows: list[dict]) -> list[str]:
     """Recover rows' final answers under a longer cap (`benchmarks.recover_answers --cap`): what the cap took from each
     model, and each KD row against its gold-CE baseline under both caps (both tasks together)."""
@@ -757,15 +762,17 @@ def cap_section(rows: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        g, s = r["gsm8k"], r["ood"]
         old = r["base_cap"]
-        now, before = g["correct"] + s["correct"], g[f"correct_at_{old}"] + s[f"correct_at_{old}"]
-        cut_now, cut_before = sum(g["cut"] + s["cut"]), sum(g[f"cut_at_{old}"] + s[f"cut_at_{old}"])
+        # On the row's own questions (the first entries; a row may add more with --questions).
+        before = {t: r[t][f"correct_at_{old}"] for t in ("gsm8k", "ood")}
+        now = {t: r[t]["correct"][: len(before[t])] for t in ("gsm8k", "ood")}
+        cut = [sum(r[t][f"cut_at_{old}"]) for t in ("gsm8k", "ood")], [sum(r[t]["cut"][: len(before[t])]) for t in ("gsm8k", "ood")]
         lines.append(
-            f"| {r['row_id']} | {old} → {r['cap']} | {sum(g[f'correct_at_{old}'])} → {sum(g['correct'])} of {len(g['correct'])} "
-            f"| {sum(s[f'correct_at_{old}'])} → {sum(s['correct'])} of {len(s['correct'])} | {_question_gap(now, before)} "
-            f"| {cut_before} → {cut_now} | {g['cut_regenerated'] + s['cut_regenerated']} ({g['cut_same_start'] + s['cut_same_start']}) "
-            f"| {g['controls_unchanged'] + s['controls_unchanged']} of {g['controls'] + s['controls']} | {'yes' if r['same_model'] else 'no'} |"
+            f"| {r['row_id']} | {old} → {r['cap']} | "
+            + " | ".join(f"{sum(before[t])} → {sum(now[t])} of {len(now[t])}" for t in ("gsm8k", "ood"))
+            + f" | {_question_gap(now['gsm8k'] + now['ood'], before['gsm8k'] + before['ood'])} | {sum(cut[0])} → {sum(cut[1])} "
+            f"| {sum(r[t]['cut_regenerated'] for t in ('gsm8k', 'ood'))} ({sum(r[t]['cut_same_start'] for t in ('gsm8k', 'ood'))}) "
+            f"| {_controls_cell(r)} | {'yes' if r['same_model'] else 'no'} |"
         )
     pairs = [(r, b) for r in rows for preset in BASELINES.get(r["preset"], ())[:1] for b in rows
              if b["preset"] == preset and b["method"] == r["method"] and b["cap"] == r["cap"]]
@@ -815,8 +822,7 @@ def questions_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
         rku = next((x for x in rows if x["method"] == "rku" and x["preset"] == r["preset"] and x is not r), None)
         paired = rku and all(rku[t]["indices"] == r[t]["indices"] for t in ("gsm8k", "ood"))
         cells.append(", ".join(_question_gap(r[t]["correct"], rku[t]["correct"]) for t in ("gsm8k", "ood")) if paired else "")
-        controls = sum(r[t]["controls_unchanged"] for t in ("gsm8k", "ood")), sum(r[t]["controls"] for t in ("gsm8k", "ood"))
-        lines.append(f"| {r['row_id']} | " + " | ".join(cells) + f" | {controls[0]} of {controls[1]} |")
+        lines.append(f"| {r['row_id']} | " + " | ".join(cells) + f" | {_controls_cell(r)} |")
     return lines + [""]
 
 

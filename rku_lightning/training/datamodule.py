@@ -55,6 +55,16 @@ def _looks_local(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or source.count("/") > 1 or source.endswith(".jsonl")
 
 
+def task_source(source: str | None, task: str) -> str:
+    """Where a `*_data` field's problems come from: the path or hub id given, else the task's shared folder."""
+    if source is not None:
+        return source
+    folder = shared_data_dir() / task
+    if not folder.is_dir():
+        raise ValueError(f"no data given for task {task!r} and {folder} does not exist; set RKU_SHARED_DATA or a *_data path")
+    return str(folder)
+
+
 def _check_source(field: str, source: str | None, task: str | None) -> None:
     if task is not None:
         one_of(field.replace("_data", "_task"), task, TASKS)
@@ -228,14 +238,6 @@ class ReasoningDataModule(LightningDataModule):
         #: Each trace lookup of this run (key, cache path, hit, seconds, counts), for its report.
         self.trace_records: list[dict] = []
 
-    def _source(self, source: str | None, task: str) -> str:
-        if source is not None:
-            return source
-        folder = shared_data_dir() / task
-        if not folder.is_dir():
-            raise ValueError(f"no data given for task {task!r} and {folder} does not exist; set RKU_SHARED_DATA or a *_data path")
-        return str(folder)
-
     def _fits(self, problems: Sequence[Problem], field: str) -> list[Problem]:
         """Problems whose prompt leaves room for a solution within max_length (the rest are dropped, with a warning)."""
         limit = self.hparams.max_length - MIN_SOLUTION_TOKENS
@@ -256,7 +258,7 @@ class ReasoningDataModule(LightningDataModule):
                 raise ValueError("ReasoningDataModule needs a tokenizer: pass tokenizer= or give the LightningModule a `tokenizer`")
         hp = self.hparams
         if stage in (None, "fit") and not self.train_problems:
-            train = load_problems(self._source(hp.train_data, hp.train_task), hp.train_task, split=hp.train_split)
+            train = load_problems(task_source(hp.train_data, hp.train_task), hp.train_task, split=hp.train_split)
             self.train_problems = self._fits([p for p in train if p.solution], "train_data")
             if hp.calibration_data is None:
                 self.calibration_problems = self.train_problems
@@ -274,7 +276,7 @@ class ReasoningDataModule(LightningDataModule):
                 warn_if_calibration_cut(self.tokenizer, self.calibration_problems, hp.calibration_samples, hp.max_length,
                                         hp.seed, f"calibration_source={hp.calibration_source!r}")
         if stage in (None, "fit", "validate") and self.val_set is None:
-            val = load_problems(self._source(hp.val_data, hp.val_task), hp.val_task, split=hp.val_split, limit=hp.val_limit)
+            val = load_problems(task_source(hp.val_data, hp.val_task), hp.val_task, split=hp.val_split, limit=hp.val_limit)
             val_problems = self._fits(list(val), "val_data")
             references = None
             if hp.reference_traces:
@@ -283,7 +285,7 @@ class ReasoningDataModule(LightningDataModule):
             self.val_set = _SolutionSet(self.tokenizer, val_problems, hp.max_length, references)
             if hp.ood_task is not None:
                 ood = load_problems(
-                    self._source(hp.ood_data, hp.ood_task), hp.ood_task, split=hp.ood_split, limit=hp.ood_limit, **(hp.ood_fields or {})
+                    task_source(hp.ood_data, hp.ood_task), hp.ood_task, split=hp.ood_split, limit=hp.ood_limit, **(hp.ood_fields or {})
                 )
                 self.ood_set = PromptDataset(self.tokenizer, list(ood))
 
