@@ -747,6 +747,13 @@ def _controls_cell(row: dict) -> str:
     return f"{sum(row[t]['controls_unchanged'] for t in ('gsm8k', 'ood'))} of {sum(row[t]['controls'] for t in ('gsm8k', 'ood'))}"
 
 
+def _baseline_pairs(rows: list[dict], comparable: Callable[[dict, dict], bool]) -> list[tuple[dict, dict]]:
+    """Each `recover_answers` row with the row of its preset's first baseline (`recover.BASELINES`: a KD preset's
+    gold-CE one), same method, where `comparable(row, baseline)` holds."""
+    return [(r, b) for r in rows for preset in BASELINES.get(r["preset"], ())[:1] for b in rows
+            if b["preset"] == preset and b["method"] == r["method"] and comparable(r, b)]
+
+
 def cap_section(rows: list[dict]) -> list[str]:
     """Recover rows' final answers under a longer cap (`benchmarks.recover_answers --cap`): what the cap took from each
     model, and each KD row against its gold-CE baseline under both caps (both tasks together)."""
@@ -774,9 +781,7 @@ def cap_section(rows: list[dict]) -> list[str]:
             f"| {sum(r[t]['cut_regenerated'] for t in ('gsm8k', 'ood'))} ({sum(r[t]['cut_same_start'] for t in ('gsm8k', 'ood'))}) "
             f"| {_controls_cell(r)} | {'yes' if r['same_model'] else 'no'} |"
         )
-    pairs = [(r, b) for r in rows for preset in BASELINES.get(r["preset"], ())[:1] for b in rows
-             if b["preset"] == preset and b["method"] == r["method"] and b["cap"] == r["cap"]]
-    if pairs:
+    if pairs := _baseline_pairs(rows, lambda r, b: b["cap"] == r["cap"]):
         lines += ["", "| pair | at the old cap | at the longer cap |", "|---|---|---|"]
         for r, b in pairs:
             old = r["base_cap"]
@@ -797,7 +802,8 @@ def _dense_on(oneshot: list[dict], task: str, indices: list[int], cap: int) -> l
 
 def questions_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
     """Recover rows' final answers on more questions (`benchmarks.recover_answers --questions`): each against the
-    dense model on the same questions, and against the RKU run of the same preset."""
+    dense model on the same questions and against the RKU run of the same preset, and each KD row against its
+    gold-CE baseline on the same questions."""
     lines = [
         "## More questions: recovered models' final answers",
         "",
@@ -823,6 +829,12 @@ def questions_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
         paired = rku and all(rku[t]["indices"] == r[t]["indices"] for t in ("gsm8k", "ood"))
         cells.append(", ".join(_question_gap(r[t]["correct"], rku[t]["correct"]) for t in ("gsm8k", "ood")) if paired else "")
         lines.append(f"| {r['row_id']} | " + " | ".join(cells) + f" | {_controls_cell(r)} |")
+    if pairs := _baseline_pairs(rows, lambda r, b: all(r[t]["indices"] == b[t]["indices"] for t in ("gsm8k", "ood"))):
+        lines += ["", "| pair | GSM8K | OOD | both |", "|---|---|---|---|"]
+        for r, b in pairs:
+            cells = [_count_gap(r[t]["correct"], b[t]["correct"]) for t in ("gsm8k", "ood")]
+            cells.append(_count_gap(r["gsm8k"]["correct"] + r["ood"]["correct"], b["gsm8k"]["correct"] + b["ood"]["correct"]))
+            lines.append(f"| `{r['preset']}` − `{b['preset']}` ({r['method']}) | " + " | ".join(cells) + " |")
     return lines + [""]
 
 

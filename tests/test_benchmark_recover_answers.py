@@ -61,10 +61,13 @@ def test_a_rebuilt_model_finishes_the_cut_answers_and_renders(bench_env, monkeyp
     kd = {**record, "preset": "tiny-kd"}  # the same answers, so every gap is exactly 0
     common.write_row("recover_t12", recover.row_id("magnitude", "tiny-kd"), kd)
     common.write_row("recover_q4", recover.row_id("magnitude", "tiny"), more)
+    common.write_row("recover_q4", recover.row_id("magnitude", "tiny-kd"), {**more, "preset": "tiny-kd"})
     text = render.render().read_text()
     questions = text.split("## More questions", 1)[1].split("\n## ", 1)[0]
     line = next(x for x in questions.splitlines() if x.startswith("| qwen0.5b-magnitude-tiny |"))
     assert f"| {sum(more['gsm8k']['correct'])}/4 [" in line and line.endswith(f"| {more['gsm8k']['controls_unchanged'] + more['ood']['controls_unchanged']} of {more['gsm8k']['controls'] + more['ood']['controls']} |")
+    pair = next(line for line in questions.splitlines() if line.startswith("| `tiny-kd` − `tiny` (magnitude) |"))
+    assert pair.count("of 4: +0 [+0, +0]") == 2 and pair.endswith("of 8: +0 [+0, +0] |")  # per task, then both
     section = text.split("## Answer cap", 1)[1].split("\n## ", 1)[0]
     assert f"| qwen0.5b-magnitude-tiny | 4 → 12 | {sum(record['gsm8k']['correct_at_4'])} → {sum(record['gsm8k']['correct'])} of 2 |" in section
     pair = next(line for line in section.splitlines() if line.startswith("| `tiny-kd` − `tiny` (magnitude) |"))
