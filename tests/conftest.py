@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from rku_lightning.files import STALE_AFTER_S
-from rku_lightning.paths import shared_data_dir
+from rku_lightning.paths import CACHE_ENV, shared_data_dir
 from rku_lightning.pruning.importance import Importance
 from rku_lightning.pruning.structures import num_units
 
@@ -137,6 +137,14 @@ def tiny_bpe_tokenizer() -> PreTrainedTokenizerFast:
     )
     tok.train_from_iterator(BPE_CORPUS, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(autouse=True)
+def _test_cache(request, tmp_path_factory, monkeypatch) -> None:
+    """Traces and conversions of tiny models go to this session's own cache, not the user's `RKU_CACHE`; tests
+    on the embedded models keep the user's cache, where their converted weights already are."""
+    if request.node.get_closest_marker("real_model") is None:
+        monkeypatch.setenv(CACHE_ENV, str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 @pytest.fixture(params=["llama", "qwen2"])
