@@ -800,6 +800,11 @@ def _dense_on(oneshot: list[dict], task: str, indices: list[int], cap: int) -> l
     return None
 
 
+def _same_questions(a: dict, b: dict) -> bool:
+    """Whether two `recover_answers` rows answered the same questions of both tasks, so they pair per question."""
+    return all(a[t]["indices"] == b[t]["indices"] for t in ("gsm8k", "ood"))
+
+
 def questions_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
     """Recover rows' final answers on more questions (`benchmarks.recover_answers --questions`): each against the
     dense model on the same questions and against the RKU run of the same preset, and each KD row against its
@@ -826,10 +831,10 @@ def questions_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
             if task == "gsm8k":
                 cells.append(f"{sum(mine) / sum(dense):.0%}" if dense and sum(dense) else "")
         rku = next((x for x in rows if x["method"] == "rku" and x["preset"] == r["preset"] and x is not r), None)
-        paired = rku and all(rku[t]["indices"] == r[t]["indices"] for t in ("gsm8k", "ood"))
+        paired = rku and _same_questions(r, rku)
         cells.append(", ".join(_question_gap(r[t]["correct"], rku[t]["correct"]) for t in ("gsm8k", "ood")) if paired else "")
         lines.append(f"| {r['row_id']} | " + " | ".join(cells) + f" | {_controls_cell(r)} |")
-    if pairs := _baseline_pairs(rows, lambda r, b: all(r[t]["indices"] == b[t]["indices"] for t in ("gsm8k", "ood"))):
+    if pairs := _baseline_pairs(rows, _same_questions):
         lines += ["", "| pair | GSM8K | OOD | both |", "|---|---|---|---|"]
         for r, b in pairs:
             cells = [_count_gap(r[t]["correct"], b[t]["correct"]) for t in ("gsm8k", "ood")]
