@@ -15,7 +15,7 @@ import fcntl
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ import torch
 from rku_lightning import StructuredPruner, compact, load_causal_lm
 from rku_lightning.evaluation.calibration import calibration_batches, self_calibration_problems
 from rku_lightning.evaluation.data import load_problems
-from rku_lightning.evaluation.evaluate import evaluate_model, kl_per_problem, nll_columns
+from rku_lightning.evaluation.evaluate import NLL_KEYS, answer_metrics, evaluate_model, kl_per_problem, nll_columns
 from rku_lightning.evaluation.traces import as_problems, cached_traces
 from rku_lightning.files import sha256_file
 
@@ -197,7 +197,81 @@ def _calibrate_and_cache(row: Row, model, tokenizer, settings: Settings, path: P
     return {"calibrate_s": seconds}
 
 
-def run_row(row: Row, settings: Settings) -> dict:
+def base_answers(stage: str, row_id: str, settings: Settings) -> dict:
+    """The answers of the same row measured with the same settings on fewer questions (in `stage`), to extend: its
+    record and its kept answers per set by question index. Fails, before any compute, on anything else."""
+    path = row_path(stage, row_id)
+    answers = path.with_suffix(".predictions.jsonl")
+    if not path.is_file() or not answers.is_file():
+        raise FileNotFoundError(f"--extend-from {stage}: no row {row_id} with kept answers there ({path})")
+    record = json.loads(path.read_text())
+    recorded = {**LEGACY_SETTINGS, **record["settings"]}
+    limits = {name: recorded[name] for name in ("gsm8k_limit", "svamp_limit")}
+    if not settings.generate or {**recorded, "threads": settings.threads} != asdict(replace(settings, **limits)):
+        raise ValueError(f"--extend-from {stage}: {row_id} there was measured with other settings than these "
+                         f"(only --gsm8k-limit and --svamp-limit may differ, and answers must be generated)")
+    if any(limit > getattr(settings, name) or limit % settings.batch_size for name, limit in limits.items()):
+        raise ValueError(f"--extend-from {stage}: its question counts {limits} must be at most this row's and whole "
+                         f"batches of {settings.batch_size}, so that the new questions are batched as in one pass")
+    found: dict = {"record": record, "gsm8k": {}, "svamp": {}}
+    for line in answers.read_text().splitlines():
+        answer = json.loads(line)
+        found[answer.pop("set")][answer["index"]] = answer
+    return found
+
+
+def _same_scores(scored: list[dict], known: dict[int, dict], rel: float = 1e-4) -> bool:
+    """Whether teacher-forced CoT NLL sums equal those kept with the answers: then the two models are the same."""
+    by_index = {p["index"]: p for p in scored}
+    return all(
+        i in by_index and all(abs(by_index[i][k] - known[i][k]) <= rel * max(1.0, abs(known[i][k])) for k in NLL_KEYS)
+        for i, answer in known.items() if "cot_nll_sum" in answer
+    )
+
+
+def extended_answers(model, tokenizer, problems: list, known: dict[int, dict], settings: Settings) -> tuple[list[dict], dict]:
+    """Greedy answers to `problems` where the first ones have `known` answers from this same model: only the rest
+    are generated, with the first batch of known ones again as controls (batched as one pass over all would be).
+    A control that comes back changed means the answers do not reproduce here: then all are generated."""
+    controls = [p for p in problems if p.index in known][: settings.batch_size]
+    rest = [p for p in problems if p.index not in known]
+    fresh = evaluate_model(model, tokenizer, controls + rest, settings.batch_size, settings.max_new_tokens, nll=False)["predictions"]
+    unchanged = sum(new["prediction"] == known[new["index"]]["prediction"] for new in fresh[: len(controls)])
+    if unchanged < len(controls):
+        print(f"{unchanged} of {len(controls)} control answers came back unchanged: generating every answer")
+        fresh = evaluate_model(model, tokenizer, problems, settings.batch_size, settings.max_new_tokens, nll=False)["predictions"]
+        known = {}
+    by_index = {**{i: {k: v for k, v in a.items() if k not in NLL_KEYS} for i, a in known.items()},
+                **{p["index"]: p for p in fresh}}
+    reused = sum(p.index not in {f["index"] for f in fresh} for p in problems)
+    return [by_index[p.index] for p in problems], {"reused": reused, "controls": len(controls), "controls_unchanged": unchanged}
+
+
+def _answer_sets(model, tokenizer, gsm8k, svamp, settings: Settings, base: dict | None) -> tuple[dict, dict, dict | None]:
+    """`evaluate_model` on both sets as a row measures them, or the same from a row on fewer questions (`base`)
+    extended with answers to the rest, where the pruned model is shown to be the row's own (same CoT NLL)."""
+    score = dict(nll_batch_size=2, perplexity=settings.perplexity)
+    if base is None:
+        g = evaluate_model(model, tokenizer, gsm8k, settings.batch_size, settings.max_new_tokens, generate=settings.generate, **score)
+        s = evaluate_model(model, tokenizer, svamp, settings.batch_size, settings.max_new_tokens, nll=False) if settings.generate else {
+            "metrics": {}, "predictions": []}
+        return g, s, None
+    scored = evaluate_model(model, tokenizer, gsm8k, generate=False, **score)
+    same = _same_scores(scored["predictions"], base["gsm8k"])
+    extended = {"from": base["record"]["stage"], "same_model": same}
+    results = {}
+    for name, problems in (("gsm8k", gsm8k), ("svamp", svamp)):
+        answers, extended[name] = extended_answers(model, tokenizer, list(problems), base[name] if same else {}, settings)
+        results[name] = {"metrics": answer_metrics(answers, settings.max_new_tokens), "predictions": answers}
+    nll = {p["index"]: p for p in scored["predictions"]}
+    results["gsm8k"]["metrics"].update(scored["metrics"])
+    results["gsm8k"]["predictions"] = [{**p, **nll.get(p["index"], {})} for p in results["gsm8k"]["predictions"]]
+    return results["gsm8k"], results["svamp"], extended
+
+
+def run_row(row: Row, settings: Settings, extend_from: str | None = None) -> dict:
+    """Measure `row`; `extend_from` names the stage of the same row on fewer questions whose answers to keep."""
+    base = base_answers(extend_from, row.row_id, settings) if extend_from else None
     torch.manual_seed(settings.seed)
     torch.set_num_threads(settings.threads)
     timings: dict = {}
@@ -218,11 +292,8 @@ def run_row(row: Row, settings: Settings) -> dict:
     svamp = load_problems(svamp_path, task="svamp", limit=settings.svamp_limit)
     started = time.perf_counter()
     # Teacher-forced scoring in pairs: full-vocabulary logits of 8 long sequences take gigabytes.
-    g = evaluate_model(
-        model, tokenizer, gsm8k, settings.batch_size, settings.max_new_tokens, generate=settings.generate,
-        nll_batch_size=2, perplexity=settings.perplexity,
-    )
-    timings["gsm8k_s"] = round(time.perf_counter() - started, 1)
+    g, s, extended = _answer_sets(model, tokenizer, gsm8k, svamp, settings, base)
+    timings["answers_s"] = round(time.perf_counter() - started, 1)
     kl_columns: dict = {}
     if settings.kl and row.importance is not None:
         started = time.perf_counter()
@@ -230,11 +301,6 @@ def run_row(row: Row, settings: Settings) -> dict:
         kl_columns = kl.pop("kl_columns")
         g["metrics"].update(kl)
         timings["kl_s"] = round(time.perf_counter() - started, 1)
-    s: dict = {"metrics": {}, "predictions": []}
-    if settings.generate:
-        started = time.perf_counter()
-        s = evaluate_model(model, tokenizer, svamp, settings.batch_size, settings.max_new_tokens, nll=False)
-        timings["svamp_s"] = round(time.perf_counter() - started, 1)
     return {
         "row": asdict(row),
         "settings": asdict(settings),
@@ -257,6 +323,8 @@ def run_row(row: Row, settings: Settings) -> dict:
             "gsm8k_train": {"path": str(DATA / "gsm8k" / "train.jsonl"), "sha256": sha256_file(DATA / "gsm8k" / "train.jsonl")},
         },
         "timings": timings,
+        # Rows on more questions that kept the answers of the same row on fewer (`--extend-from`): how, and the checks.
+        **({"extended": extended} if extended else {}),
         "predictions": {"gsm8k": g["predictions"], "svamp": s["predictions"]},
     }
 
@@ -321,12 +389,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.oneshot", description="Run one one-shot row.")
     parser.add_argument("--row", required=True, help="row id, e.g. qwen0.5b-rku-global-40 or qwen0.5b-dense")
     add_settings_arguments(parser)
+    parser.add_argument("--extend-from", metavar="STAGE", help="keep the answers of this row measured on fewer questions "
+                        "in STAGE (e.g. oneshot_L640_self) and generate only the rest, checked against controls")
     args = parser.parse_args(argv)
     settings = settings_from(args)
     if measured_with(settings.stage, args.row, settings):
         print(f"{args.row}: done already")
         return
-    record = run_row(Row.parse(args.row), settings)
+    record = run_row(Row.parse(args.row), settings, args.extend_from)
     predictions = record.pop("predictions")
     path = write_row(settings.stage, args.row, record)
     lines = [json.dumps({"set": name, **p}) for name, rows in predictions.items() for p in rows]

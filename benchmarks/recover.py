@@ -73,6 +73,11 @@ PRESETS: dict[str, list[str]] = {
     "cpu-uniform-kd-self-L640": with_option(CPU_KD_SELF, "--data.max_length=640"),
     # Its gold-CE pair in the same window: 256 tokens cut 18 % of GSM8K-train's gold solution tokens too (README).
     "cpu-uniform-L640": with_option(CPU_UNIFORM, "--data.max_length=640"),
+    # Both to the second target, 30 %, with the same rounds, steps and window.
+    **{
+        f"{name}-30": with_option(with_option(base, "--data.max_length=640"), "--pruning.target_sparsity=0.3")
+        for name, base in {"cpu-uniform-kd-self-L640": CPU_KD_SELF, "cpu-uniform-L640": CPU_UNIFORM}.items()
+    },
     # One GPU (benchmarks/gpu_reasoning.sh): the config's budget (4 rounds to 40 %, 50 steps of 4 sequences),
     # uniform allocation, 100 + 100 validation questions in batches of 100; answers and traces up to 512
     # tokens in 640-token windows, so that neither the cap nor the window decides gold vs self (RESULTS.md,
@@ -98,6 +103,7 @@ PRESETS: dict[str, list[str]] = {
 BASELINES: dict[str, tuple[str, ...]] = {
     "cpu-uniform-kd-self": ("cpu-uniform",),
     "cpu-uniform-kd-self-L640": ("cpu-uniform-L640", "cpu-uniform"),
+    "cpu-uniform-kd-self-L640-30": ("cpu-uniform-L640-30",),
     "gpu-kd-self": ("gpu-ce-gold",),
 }
 

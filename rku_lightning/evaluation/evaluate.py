@@ -91,6 +91,16 @@ def nll_columns(predictions: Sequence[dict]) -> dict[str, list[float]]:
     return {key: [p[key] for p in predictions] for key in NLL_KEYS}
 
 
+def answer_metrics(predictions: Sequence[dict], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> dict:
+    """The accuracy metrics of generated answers (`evaluate_model`'s predictions), from the answers alone, so that
+    answers gathered from several passes of one model (a benchmark row on more questions) score as one pass would."""
+    accuracy = ReasoningAccuracy(max_new_tokens)
+    accuracy.update(
+        [p["prediction"] for p in predictions], [p["gold_answer"] for p in predictions], [p["generated_tokens"] for p in predictions]
+    )
+    return {key: _number(value) for key, value in accuracy.compute().items()}
+
+
 def evaluate_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -119,12 +129,10 @@ def evaluate_model(
     metrics: dict[str, float | int | None] = {}
     predictions: list[dict] = []
     if generate:
-        accuracy = ReasoningAccuracy(max_new_tokens)
         prompts = [build_prompt(tokenizer, p.question, exemplars) for p in problems]
         started, done = time.perf_counter(), 0
         for texts, lengths in iter_generations(model, tokenizer, prompts, batch_size, max_new_tokens, progress):
             chunk = problems[done : done + len(texts)]
-            accuracy.update(texts, [p.answer for p in chunk], lengths)
             for problem, text, length in zip(chunk, texts, lengths):
                 extracted = extract_answer(text)
                 predictions.append(
@@ -140,9 +148,10 @@ def evaluate_model(
                 )
             done += len(texts)
         seconds = time.perf_counter() - started
-        metrics.update({key: _number(value) for key, value in accuracy.compute().items()})
+        metrics.update(answer_metrics(predictions, max_new_tokens))
         metrics["generation_s"] = round(seconds, 2)
-        metrics["generated_tokens_per_s"] = round(int(accuracy.tokens) / seconds, 2) if seconds > 0 else None
+        tokens = sum(p["generated_tokens"] for p in predictions)
+        metrics["generated_tokens_per_s"] = round(tokens / seconds, 2) if seconds > 0 else None
     if nll:
         scores, per_question = score_solutions(
             model, tokenizer, problems, nll_batch_size or batch_size, max_length, exemplars, progress, perplexity
