@@ -2,7 +2,7 @@
 # The reasoning issue's measurement set on one H200-class GPU, in one command (budget ~10 minutes):
 #   one-shot rku / kinetic / flap at 20-40 % uniform, calibrated on gold vs the dense model's own traces,
 #   100 GSM8K + 100 SVAMP questions with KL to dense; then prune-and-recover to 40 % with
-#   {ce on gold, kd on self traces} x {rku, flap} and the recovery-only control. Every row saves as it
+#   {ce on gold, kd on self traces} x {rku, flap} and the recovery-only control, then the same four to 30 %. Every row saves as it
 #   finishes and a rerun skips finished rows, so an interrupted run loses only the rows in flight.
 # Answers may run to 512 new tokens and calibration / training windows hold 640 tokens: a 256-token window
 # keeps 35 % of the dense traces' written steps, so gold-vs-self would be decided by the window, and at 256
@@ -22,5 +22,10 @@ for method in rku flap; do
   python -m benchmarks.run recover --methods "$method" --preset gpu-kd-self --threads 2 &
 done
 python -m benchmarks.run recover --methods rku --preset gpu-recovery-only --threads 2 &
+wait
+for method in rku flap; do  # the same to 30 %, once the 40 % rows are saved
+  python -m benchmarks.run recover --methods "$method" --preset gpu-ce-gold-30 --threads 2 &
+  python -m benchmarks.run recover --methods "$method" --preset gpu-kd-self-30 --threads 2 &
+done
 wait
 python -m benchmarks.run render

@@ -89,6 +89,9 @@ PRESETS: dict[str, list[str]] = {
             "ce-gold": [],
             "kd-self": [*KD_SELF, "--data.trace_samples=800"],
             "recovery-only": ["--pruning.rounds=1", "--pruning.target_sparsity=0.001", "--evaluate_dense=false"],
+            # The second target, after the 40 % rows.
+            "ce-gold-30": ["--pruning.target_sparsity=0.3"],
+            "kd-self-30": [*KD_SELF, "--data.trace_samples=800", "--pruning.target_sparsity=0.3"],
         }.items()
     },
     # The control for it: one round of the same recovery after removing only 0.1 % (the least a
@@ -105,6 +108,7 @@ BASELINES: dict[str, tuple[str, ...]] = {
     "cpu-uniform-kd-self-L640": ("cpu-uniform-L640", "cpu-uniform"),
     "cpu-uniform-kd-self-L640-30": ("cpu-uniform-L640-30",),
     "gpu-kd-self": ("gpu-ce-gold",),
+    "gpu-kd-self-30": ("gpu-ce-gold-30",),
 }
 
 
