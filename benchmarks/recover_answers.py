@@ -153,7 +153,7 @@ def finish_answers(model, tokenizer, answers: list[dict], sources: dict, old_cap
 
 
 def answers_row(method: str, preset: str, cap: int | None, questions: int | None, threads: int, batch_size: int,
-                controls: int = 8) -> tuple[dict, list[dict]]:
+                controls: int = 8, device: str = "cpu") -> tuple[dict, list[dict]]:
     """The row record and its answers (see the module docstring); `None` keeps the row's cap or questions."""
     base = json.loads(row_path(recover.STAGE, recover.row_id(method, preset)).read_text())
     old_cap = answer_cap(base)
@@ -170,7 +170,7 @@ def answers_row(method: str, preset: str, cap: int | None, questions: int | None
     folder, report = exported_model(method, preset, threads)
     equal, checked = same_model(base["report"]["rounds"], report["rounds"])
     model, tokenizer = load_pruned(folder)
-    model.eval()
+    model.to(device).eval()
     loaded = time.perf_counter()
     finished = finish_answers(model, tokenizer, answers, validation_sources(folder.parent), old_cap, cap or old_cap, questions,
                               not equal, controls, batch_size)
@@ -195,7 +195,7 @@ def answers_row(method: str, preset: str, cap: int | None, questions: int | None
         }
     record = {
         "method": method, "preset": preset, "cap": cap or old_cap, "base_cap": old_cap, "questions": questions, "round": last,
-        "sparsity": base["report"]["rounds"][-1]["sparsity"], "threads": threads, "batch_size": batch_size, "controls": controls,
+        "sparsity": base["report"]["rounds"][-1]["sparsity"], "threads": threads, "batch_size": batch_size, "controls": controls, "device": device,
         "same_model": equal, "checked_rounds": checked, **per_task,
         "timings": {"model_s": round(loaded - started, 1), "generate_s": round(time.perf_counter() - loaded, 1)},
     }
@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--controls", type=int, default=8, help="finished answers per task to regenerate as a check")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the export answers (default: the GPU when there is one)")
     args = parser.parse_args(argv)
     rid = recover.row_id(args.method, args.preset)
     if not is_done(recover.STAGE, rid):
@@ -221,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     if is_done(where, rid):
         print(f"{rid} in {where}: done already")
         return
-    record, answers = answers_row(args.method, args.preset, args.cap, args.questions, args.threads, args.batch_size, args.controls)
+    record, answers = answers_row(args.method, args.preset, args.cap, args.questions, args.threads, args.batch_size, args.controls,
+                                  args.device)
     # The answers first: the row is what marks the stage done.
     write_text_atomic(row_path(where, rid).with_suffix(".generations.jsonl"), "".join(json.dumps(a) + "\n" for a in answers))
     path = write_row(where, rid, record)

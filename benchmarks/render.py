@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -800,6 +801,30 @@ def _dense_on(oneshot: list[dict], task: str, indices: list[int], cap: int) -> l
     return None
 
 
+def questions_needed(a: list[bool], b: list[bool], z: float = 1.96) -> int | None:
+    """Questions a paired comparison of a and b would need for its 95 % interval to exclude zero, if the gap per
+    question and its spread stayed as measured here (normal approximation); None where there is no gap."""
+    diffs = [int(x) - int(y) for x, y in zip(a, b, strict=True)]
+    mean = sum(diffs) / len(diffs)
+    if mean == 0 or len(diffs) < 2:
+        return None
+    variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return math.ceil(z * z * variance / (mean * mean))
+
+
+def _resolving_table(pairs: list[tuple[str, dict, dict]]) -> list[str]:
+    """For each pair of recovered models on the same questions: how far the measured gap is from being resolved."""
+    lines = ["", "How many questions each comparison would need to be resolved (its 95 % interval to exclude zero), if the "
+             "gap per question and its spread stayed as measured here (normal approximation, both tasks together):", "",
+             "| comparison | questions | gap | answers that differ | questions needed |", "|---|---|---|---|---|"]
+    for label, r, b in pairs:
+        mine, theirs = r["gsm8k"]["correct"] + r["ood"]["correct"], b["gsm8k"]["correct"] + b["ood"]["correct"]
+        needed = questions_needed(mine, theirs)
+        lines.append(f"| {label} | {len(mine)} | {sum(mine) - sum(theirs):+d} | {sum(x != y for x, y in zip(mine, theirs))} "
+                     f"| {'—' if needed is None else f'{needed:,}'} |")
+    return lines
+
+
 def _same_questions(a: dict, b: dict) -> bool:
     """Whether two `recover_answers` rows answered the same questions of both tasks, so they pair per question."""
     return all(a[t]["indices"] == b[t]["indices"] for t in ("gsm8k", "ood"))
@@ -820,6 +845,7 @@ def questions_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
         "| row | GSM8K | dense | − dense | of dense | OOD | dense | − dense | − RKU (GSM8K, OOD) | controls unchanged |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    compared: list[tuple[str, dict, dict]] = []
     for r in rows:
         cells = []
         for task, name in (("gsm8k", "gsm8k"), ("ood", "svamp")):
@@ -834,12 +860,17 @@ def questions_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
         paired = rku and _same_questions(r, rku)
         cells.append(", ".join(_question_gap(r[t]["correct"], rku[t]["correct"]) for t in ("gsm8k", "ood")) if paired else "")
         lines.append(f"| {r['row_id']} | " + " | ".join(cells) + f" | {_controls_cell(r)} |")
+        if paired:
+            compared.append((f"{r['method']} − rku (`{r['preset']}`)", r, rku))
     if pairs := _baseline_pairs(rows, _same_questions):
         lines += ["", "| pair | GSM8K | OOD | both |", "|---|---|---|---|"]
         for r, b in pairs:
             cells = [_count_gap(r[t]["correct"], b[t]["correct"]) for t in ("gsm8k", "ood")]
             cells.append(_count_gap(r["gsm8k"]["correct"] + r["ood"]["correct"], b["gsm8k"]["correct"] + b["ood"]["correct"]))
             lines.append(f"| `{r['preset']}` − `{b['preset']}` ({r['method']}) | " + " | ".join(cells) + " |")
+            compared.append((f"`{r['preset']}` − `{b['preset']}` ({r['method']})", r, b))
+    if compared:
+        lines += _resolving_table(compared)
     return lines + [""]
 
 

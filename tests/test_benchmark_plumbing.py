@@ -102,6 +102,16 @@ def test_bootstrap_intervals_cover_the_mean_and_pair_questions():
         paired_gap([True], [True, False])
 
 
+def test_questions_needed_agrees_with_the_paired_bootstrap():
+    """Below the count it names, the same gap per question is not resolved by the paired bootstrap; at it, it is."""
+    a, b = [True, True] + [False] * 8, [False] * 10  # 2 more solved of 10
+    needed = render.questions_needed(a, b)
+    assert needed == 18 and render.questions_needed(a, a) is None
+    assert paired_gap(a, b)[1] <= 0  # 10 questions: the interval holds zero
+    assert paired_gap(a * 2, b * 2)[1] > 0  # 20 (>= 18) with the same gap per question: resolved
+    assert render.questions_needed(b, a) == needed  # the sign of the gap does not matter
+
+
 def test_nll_intervals_resample_questions_and_pair_them():
     a = {"cot_nll_sum": [float(10 + i % 7) for i in range(40)], "cot_tokens": [10.0] * 40}
     low, high = nll_interval(a)

@@ -68,6 +68,8 @@ def test_a_rebuilt_model_finishes_the_cut_answers_and_renders(bench_env, monkeyp
     assert f"| {sum(more['gsm8k']['correct'])}/4 [" in line and line.endswith(f"| {more['gsm8k']['controls_unchanged'] + more['ood']['controls_unchanged']} of {more['gsm8k']['controls'] + more['ood']['controls']} |")
     pair = next(line for line in questions.splitlines() if line.startswith("| `tiny-kd` − `tiny` (magnitude) |"))
     assert pair.count("of 4: +0 [+0, +0]") == 2 and pair.endswith("of 8: +0 [+0, +0] |")  # per task, then both
+    # Equal answers: no gap, so no question count would resolve one.
+    assert "| `tiny-kd` − `tiny` (magnitude) | 8 | +0 | 0 | — |" in questions
     section = text.split("## Answer cap", 1)[1].split("\n## ", 1)[0]
     assert f"| qwen0.5b-magnitude-tiny | 4 → 12 | {sum(record['gsm8k']['correct_at_4'])} → {sum(record['gsm8k']['correct'])} of 2 |" in section
     pair = next(line for line in section.splitlines() if line.startswith("| `tiny-kd` − `tiny` (magnitude) |"))
