@@ -221,11 +221,13 @@ def base_answers(stage: str, row_id: str, settings: Settings) -> dict:
 
 
 def _same_scores(scored: list[dict], known: dict[int, dict], rel: float = 1e-4) -> bool:
-    """Whether teacher-forced CoT NLL sums equal those kept with the answers: then the two models are the same."""
+    """Whether teacher-forced CoT NLL sums equal those kept with the answers: then the two models are the same
+    (kept answers without scores show nothing, so they never pass)."""
     by_index = {p["index"]: p for p in scored}
-    return all(
-        i in by_index and all(abs(by_index[i][k] - known[i][k]) <= rel * max(1.0, abs(known[i][k])) for k in NLL_KEYS)
-        for i, answer in known.items() if "cot_nll_sum" in answer
+    kept = {i: answer for i, answer in known.items() if "cot_nll_sum" in answer}
+    return bool(kept) and all(
+        i in by_index and all(abs(by_index[i][k] - answer[k]) <= rel * max(1.0, abs(answer[k])) for k in NLL_KEYS)
+        for i, answer in kept.items()
     )
 
 

@@ -74,6 +74,7 @@ def test_a_changed_control_or_model_regenerates_every_answer(bench_env):
     common.row_path(Settings(**more).stage, ROW).unlink()
     extended = _main(**more, extend_from=stage)["extended"]
     assert extended["same_model"] is False
+    assert oneshot._same_scores([{"index": 0, "cot_nll_sum": 1.0}], {0: {"prediction": "x"}}) is False  # no scores kept
     assert all(extended[name] == {"reused": 0, "controls": 0, "controls_unchanged": 0} for name in ("gsm8k", "svamp"))
 
 
