@@ -245,8 +245,7 @@ def extended_answers(model, tokenizer, problems: list, known: dict[int, dict], s
         known = {}
     by_index = {**{i: {k: v for k, v in a.items() if k not in NLL_KEYS} for i, a in known.items()},
                 **{p["index"]: p for p in fresh}}
-    reused = sum(p.index not in {f["index"] for f in fresh} for p in problems)
-    return [by_index[p.index] for p in problems], {"reused": reused, "controls": len(controls), "controls_unchanged": unchanged}
+    return [by_index[p.index] for p in problems], {"reused": len(problems) - len(fresh), "controls": len(controls), "controls_unchanged": unchanged}
 
 
 def _answer_sets(model, tokenizer, gsm8k, svamp, settings: Settings, base: dict | None) -> tuple[dict, dict, dict | None]:
