@@ -103,17 +103,19 @@ def _nll(row: dict) -> str:
     return f"{value:.3f} [{low:.2f}, {high:.2f}]"
 
 
-def _gaps(row: dict, reference: dict | None) -> tuple[str, str, str]:
-    """Paired gaps of `row` against `reference` (RKU at the same allocation and sparsity): GSM8K and SVAMP
-    accuracy (both, since a comparison of methods on GSM8K alone has half the questions), NLL."""
+def _gaps(row: dict, reference: dict | None) -> tuple[str, str, str, str]:
+    """Paired gaps of `row` against `reference` (RKU at the same allocation and sparsity): accuracy on GSM8K,
+    SVAMP and both (a comparison of methods on one set has half the questions), NLL."""
     if reference is None or reference is row:
-        return "", "", ""
-    gsm8k, svamp = (_accuracy_gap(row.get(f"{task}_correct"), reference.get(f"{task}_correct")) for task in ("gsm8k", "svamp"))
+        return "", "", "", ""
+    mine, theirs = ([r.get(f"{task}_correct") or [] for task in ("gsm8k", "svamp")] for r in (row, reference))
+    gaps = [_accuracy_gap(a, b) for a, b in zip(mine, theirs)]
+    both = _accuracy_gap(mine[0] + mine[1], theirs[0] + theirs[1]) if all(gaps) else ""
     nll = _nll_gap(row, reference) if "gsm8k_nll" in row and "gsm8k_nll" in reference else ""
-    return gsm8k, svamp, nll
+    return gaps[0], gaps[1], both, nll
 
 
-def _accuracy_gap(mine: list[bool] | None, theirs: list[bool] | None) -> str:
+def _accuracy_gap(mine: list[bool], theirs: list[bool]) -> str:
     """The paired accuracy gap on the same questions, `+1.6% [-5%, +8%]`; blank unless both answered the same ones."""
     if not mine or not theirs or len(mine) != len(theirs):
         return ""
@@ -176,20 +178,20 @@ def oneshot_tables(rows: list[dict]) -> list[str]:
             f"GSM8K: first {limit} test questions, greedy, max {settings['max_new_tokens']} new tokens; "
             f"SVAMP: first {settings['svamp_limit']}; calibration: {settings['calib_samples']} GSM8K-train problems "
             f"(seed {settings['seed']}), ≤ {settings['calib_max_length']} tokens each. Brackets: 95 % bootstrap interval "
-            "over questions (NLL: whole questions resampled, token-weighted); the last three columns are the row minus RKU "
+            "over questions (NLL: whole questions resampled, token-weighted); the last four columns are the row minus RKU "
             "(with the same attention mode) at the same allocation and sparsity, paired on the same questions (an interval that excludes 0 is a real gap; "
             "negative NLL = better than RKU). — : not measured (rows run with `--no-generate` measure CoT NLL only).",
             "",
             "| allocation | sparsity | method | GSM8K acc | CoT NLL | NLL reasoning | NLL other | SVAMP acc | params "
-            "| KV bytes/token | GSM8K − RKU | SVAMP − RKU | NLL − RKU |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| KV bytes/token | GSM8K − RKU | SVAMP − RKU | both − RKU | NLL − RKU |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         if dense:
             g = dense["gsm8k"]
             kv = f"{pruned[0]['report']['kv_cache_bytes_per_token_before']:,}"
             out.append(
                 f"| — | 0 % | dense | {_acc(dense['gsm8k_correct'])} | {_nll(dense)} | {_fmt(g.get('cot_nll_reasoning'))} "
-                f"| {_fmt(g.get('cot_nll_other'))} | {_acc(dense['svamp_correct'])} | {dense['params']:,} | {kv} | | | |"
+                f"| {_fmt(g.get('cot_nll_other'))} | {_acc(dense['svamp_correct'])} | {dense['params']:,} | {kv} | | | | |"
             )
         key = lambda r: (r["row"]["allocation"], r["row"]["sparsity"], r["gsm8k"].get("cot_nll") or 1e9)  # noqa: E731
         for row in sorted(pruned, key=key):
@@ -200,13 +202,13 @@ def oneshot_tables(rows: list[dict]) -> list[str]:
                  and r["row"]["sparsity"] == row["row"]["sparsity"]),
                 None,
             )
-            gsm8k_gap, svamp_gap, nll_gap = _gaps(row, rku)
+            gsm8k_gap, svamp_gap, both_gap, nll_gap = _gaps(row, rku)
             g, report = row["gsm8k"], row["report"]
             out.append(
                 f"| {row['row']['allocation']} | {report['sparsity']:.1%} | {method_name(row)} | {_acc(row['gsm8k_correct'])} "
                 f"| {_nll(row)} | {_fmt(g.get('cot_nll_reasoning'))} | {_fmt(g.get('cot_nll_other'))} "
                 f"| {_acc(row['svamp_correct'])} | {row['params']:,} | {report['kv_cache_bytes_per_token_after']:,} "
-                f"| {gsm8k_gap} | {svamp_gap} | {nll_gap} |"
+                f"| {gsm8k_gap} | {svamp_gap} | {both_gap} | {nll_gap} |"
             )
         out.append("")
     return out
@@ -571,7 +573,7 @@ def peer_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
         lines.append(
             f"| {r['row_id']} | {r['achieved_sparsity']:.1%} | {_acc(r['gsm8k_correct'])} | {_nll(r)} "
             f"| {_fmt(g.get('cot_nll_reasoning'))} | {_fmt(g.get('cot_nll_other'))} | {_acc(r['svamp_correct'])} | {r['params']:,} "
-            f"| {_structures(r, rku)} | {_gaps(r, rku)[2]} |"
+            f"| {_structures(r, rku)} | {_gaps(r, rku)[3]} |"
         )
     differences = dict.fromkeys(d for r in rows for d in r.get("differences_from_engine", []))
     lines += ["", "How these rows differ from the engine's (recorded in each row as `differences_from_engine`):", ""]
