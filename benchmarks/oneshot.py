@@ -85,7 +85,7 @@ class Settings:
 
     @property
     def stage(self) -> str:
-        """Where the row lives: NLL-only rows apart, a non-default question count or calibration size in
+        """Where the row lives: NLL-only rows apart, a non-default question count, calibration size or seed in
         its own folder, so that rows measured differently never share a table."""
         base = STAGE if self.generate else NLL_STAGE
         if self.gsm8k_limit != Settings.gsm8k_limit:
@@ -98,6 +98,8 @@ class Settings:
             base += f"_L{self.calib_max_length}"
         if self.calib_source != Settings.calib_source:
             base += f"_{self.calib_source}"
+        if self.seed != Settings.seed:
+            base += f"_s{self.seed}"  # another calibration sample: a second measurement, never the first's file
         return base
 
 

@@ -13,6 +13,7 @@ import random
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -134,13 +135,23 @@ def _format_gap(gap: tuple[float, float, float], digits: int = 2) -> str:
     return f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
 
 
-def _measured_on(row: dict) -> tuple[int, int, str, int, int]:
-    """What must match for two rows to share a table: GSM8K question count, calibration size, source
-    (rows from before calibration sources existed calibrated on gold solutions) and window, and the answer cap."""
+class Measured(NamedTuple):
+    """What must match for two rows to share a table."""
+
+    limit: int  # GSM8K questions
+    size: int  # calibration problems
+    source: str  # calibration text (rows from before calibration sources existed calibrated on gold solutions)
+    cap: int  # answer tokens
+    window: int  # calibration tokens
+    seed: int  # which calibration problems
+
+
+def _measured_on(row: dict) -> Measured:
     settings = row["settings"]
     # The cap only changes generated answers: a teacher-forced-only row belongs with the default-cap rows.
     cap = settings["max_new_tokens"] if settings.get("generate", True) else Settings.max_new_tokens
-    return settings["gsm8k_limit"], settings["calib_samples"], settings.get("calib_source", "gold"), cap, settings["calib_max_length"]
+    return Measured(settings["gsm8k_limit"], settings["calib_samples"], settings.get("calib_source", "gold"), cap,
+                    settings["calib_max_length"], settings.get("seed", Settings.seed))
 
 
 def _main_calibration(rows: list[dict], model: str) -> list[dict]:
@@ -160,17 +171,18 @@ def oneshot_tables(rows: list[dict]) -> list[str]:
         if row["row"]["importance"] is None:
             # The dense model needs no calibration: it heads every table measured on its questions (with its
             # answer cap where it was measured with it).
-            limit, _, _, tokens, _ = _measured_on(row)
-            dense_of[(row["row"]["model"], limit, tokens)] = row
-            dense_of.setdefault((row["row"]["model"], limit, -1), row)
+            measured = _measured_on(row)
+            dense_of[(row["row"]["model"], measured.limit, measured.cap)] = row
+            dense_of.setdefault((row["row"]["model"], measured.limit, -1), row)
         else:
             groups[(row["row"]["model"], *_measured_on(row))].append(row)
-    for (model, limit, calibration, source, tokens, window), pruned in sorted(groups.items()):
+    for (model, limit, calibration, source, tokens, window, seed), pruned in sorted(groups.items()):
         dense = dense_of.get((model, limit, tokens)) or dense_of.get((model, limit, -1))
         settings = pruned[0]["settings"]
         traces = "" if source == "gold" else f" (their {source}-generated traces)"
         cap = ("" if tokens == Settings.max_new_tokens else f", answers up to {tokens} tokens") + (
-            "" if window == Settings.calib_max_length else f", {window}-token calibration window")
+            "" if window == Settings.calib_max_length else f", {window}-token calibration window") + (
+            "" if seed == Settings.seed else f", calibration seed {seed}")
         out += [
             f"### {model}: one-shot pruning, no recovery, first {limit} GSM8K test questions, "
             f"{calibration} calibration problems{traces}{cap}",
@@ -219,9 +231,9 @@ def calibration_section(rows: list[dict]) -> list[str]:
     smallest: whether a finding is about the method or about too little calibration data."""
     sizes_of: dict[tuple[str, int, int], dict[int, dict]] = defaultdict(dict)
     for row in rows:
-        limit, size, source, _, window = _measured_on(row)  # the answer cap: no part of the CoT NLL of gold text
-        if "gsm8k_nll" in row and source == "gold":  # the size comparison is about the same (gold) calibration text
-            sizes_of[(row["row_id"], limit, window)][size] = row
+        m = _measured_on(row)  # the answer cap: no part of the CoT NLL of gold text
+        if "gsm8k_nll" in row and m.source == "gold":  # the size comparison is about the same (gold) calibration text
+            sizes_of[(row["row_id"], m.limit, m.window, m.seed)][m.size] = row
     repeated = {key: by_size for key, by_size in sizes_of.items() if len(by_size) > 1}
     if not repeated:
         return []
@@ -241,7 +253,7 @@ def calibration_section(rows: list[dict]) -> list[str]:
         meta = next(iter(item[1].values()))["row"]
         return meta["model"], item[0][1], meta["allocation"], meta["sparsity"], item[0][0]
 
-    for (_, limit, _), by_size in sorted(repeated.items(), key=order):
+    for (_, limit, _, _), by_size in sorted(repeated.items(), key=order):
         smallest = by_size[min(by_size)]
         cells = []
         for size in sizes:
@@ -368,9 +380,9 @@ def calibration_source_section(rows: list[dict]) -> list[str]:
     CoT NLL of the gold solutions and KL(dense || pruned) on the dense model's answers and on gold text."""
     by_source: dict[tuple[str, int, int, int, int], dict[str, dict]] = defaultdict(dict)
     for row in rows:
-        limit, size, source, tokens, window = _measured_on(row)
+        m = _measured_on(row)
         if row.get("gsm8k_kl") and "gsm8k_nll" in row:
-            by_source[(row["row_id"], limit, size, tokens, window)][source] = row
+            by_source[(row["row_id"], m.limit, m.size, m.cap, m.window, m.seed)][m.source] = row
     pairs = {key: s for key, s in by_source.items() if {"gold", "self"} <= set(s)}
     if not pairs:
         return []
@@ -388,7 +400,7 @@ def calibration_source_section(rows: list[dict]) -> list[str]:
         "| KL dense answers, arithmetic tokens: gold-cal | self-cal |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (_, limit, size, _, window), pair in sorted(pairs.items(), key=lambda item: (
+    for (_, limit, size, _, window, _), pair in sorted(pairs.items(), key=lambda item: (
             item[1]["gold"]["row"]["model"], item[1]["gold"]["row"]["sparsity"], item[0][4], item[0][0])):
         gold, own = pair["gold"], pair["self"]
         cells = [f"{gold['gsm8k']['cot_nll']:.3f}", _gap_cell(own["gsm8k"]["cot_nll"], paired_nll_gap(own["gsm8k_nll"], gold["gsm8k_nll"]))]
@@ -421,8 +433,9 @@ def _on_common_questions(row: dict, reference: dict, task: str) -> list[tuple[in
 
 
 def _calibration_label(row: dict) -> str:
-    _, size, source, _, window = _measured_on(row)
-    return f"{source}, {size} problems, {window}-token window"
+    m = _measured_on(row)
+    seed = "" if m.seed == Settings.seed else f", seed {m.seed}"
+    return f"{m.source}, {m.size} problems{seed}, {m.window}-token window"
 
 
 def calibration_source_accuracy_section(rows: list[dict]) -> list[str]:
@@ -432,8 +445,8 @@ def calibration_source_accuracy_section(rows: list[dict]) -> list[str]:
     generated = [r for r in rows if r["row"]["importance"] is not None and r["gsm8k_correct"] and r["svamp_correct"]]
     by_row: dict[tuple[str, int, int], dict[tuple[str, int], list[dict]]] = defaultdict(lambda: defaultdict(list))
     for row in generated:
-        _, size, source, tokens, window = _measured_on(row)
-        by_row[(row["row_id"], tokens, size)][(source, window)].append(row)
+        m = _measured_on(row)
+        by_row[(row["row_id"], m.cap, m.size)][(m.source, m.window, m.seed)].append(row)
     out: list[str] = []
     # Per comparison (model, cap, calibration, against): each question's gaps over the rows compared that way.
     pooled: dict[tuple[str, int, str, str], dict[tuple[str, int], list[int]]] = defaultdict(lambda: defaultdict(list))
@@ -442,9 +455,10 @@ def calibration_source_accuracy_section(rows: list[dict]) -> list[str]:
             next(iter(item[1].values()))[0]["row"]["sparsity"], item[0])):
         # One row per calibration: the one measured on the most questions (they agree on the shared ones).
         chosen = {key: max(group, key=lambda r: len(r["gsm8k_correct"])) for key, group in variants.items()}
-        for (source, window), row in sorted(chosen.items()):
-            for (ref_source, ref_window), gold in sorted(chosen.items()):
-                if ref_source != "gold" or (ref_source, ref_window) == (source, window):
+        for (source, window, seed), row in sorted(chosen.items()):
+            for (ref_source, ref_window, ref_seed), gold in sorted(chosen.items()):
+                # Against gold text calibrated on the same problems (seed), in another window or source.
+                if ref_source != "gold" or ref_seed != seed or (ref_source, ref_window) == (source, window):
                     continue
                 if source == "gold" and window < ref_window:
                     continue  # one direction per pair of gold windows

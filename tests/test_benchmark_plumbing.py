@@ -84,6 +84,7 @@ def test_settings_survive_the_command_line_and_nll_only_rows_skip_generation(ben
     # Another answer cap is another measurement: its own folder, and self traces of its own length.
     assert Settings(max_new_tokens=512, calib_source="self").stage == "oneshot_t512_self"
     assert Settings(calib_max_length=640, generate=False, calib_source="self").stage == "oneshot_nll_L640_self"
+    assert Settings(gsm8k_limit=64, calib_max_length=640, calib_source="self", seed=1).stage == "oneshot_q64_L640_self_s1"
     paths = {oneshot._stats_path("m", "ce", Settings(max_new_tokens=n, calib_source=src)).name
              for n in (256, 512) for src in ("gold", "self")}
     assert paths == {"m-ce-n16-L256-s0.pt", "m-ce-n16-L256-s0-self.pt", "m-ce-n16-L256-s0-self-T512.pt"}
@@ -329,3 +330,8 @@ def test_calibration_source_accuracy_pairs_rows_on_the_questions_both_answered()
     (pooled,) = [x for x in section if "| flap 20%, rku 20% |" in x]
     assert pooled.startswith("| m | 256 | self, 16 problems, 640-token window | gold, 16 problems, 256-token window |")
     assert "| 6 | +4 [" in pooled, pooled  # 6 shared questions, +2 in each row
+    # Another calibration seed is another measurement: it pairs only with gold on its own problems, says so.
+    reseeded = [dict(r, settings={**r["settings"], "seed": 1}) for r in (gold, own)]
+    lines = [x for x in render.calibration_source_accuracy_section([gold, *reseeded]) if x.startswith("| m |")]
+    assert len(lines) == 1 and "| self, 16 problems, seed 1, 640-token window | gold, 16 problems, seed 1, 256-token" in lines[0]
+    assert render.calibration_source_accuracy_section([gold, reseeded[1]]) == []
