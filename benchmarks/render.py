@@ -104,16 +104,23 @@ def _nll(row: dict) -> str:
     return f"{value:.3f} [{low:.2f}, {high:.2f}]"
 
 
-def _gaps(row: dict, reference: dict | None) -> tuple[str, str, str, str]:
+class Gaps(NamedTuple):
+    gsm8k: str = ""
+    svamp: str = ""
+    both: str = ""
+    nll: str = ""
+
+
+def _gaps(row: dict, reference: dict | None) -> Gaps:
     """Paired gaps of `row` against `reference` (RKU at the same allocation and sparsity): accuracy on GSM8K,
     SVAMP and both (a comparison of methods on one set has half the questions), NLL."""
     if reference is None or reference is row:
-        return "", "", "", ""
+        return Gaps()
     mine, theirs = ([r.get(f"{task}_correct") or [] for task in ("gsm8k", "svamp")] for r in (row, reference))
     gaps = [_accuracy_gap(a, b) for a, b in zip(mine, theirs)]
     both = _accuracy_gap(mine[0] + mine[1], theirs[0] + theirs[1]) if all(gaps) else ""
     nll = _nll_gap(row, reference) if "gsm8k_nll" in row and "gsm8k_nll" in reference else ""
-    return gaps[0], gaps[1], both, nll
+    return Gaps(gaps[0], gaps[1], both, nll)
 
 
 def _accuracy_gap(mine: list[bool], theirs: list[bool]) -> str:
@@ -229,7 +236,7 @@ def oneshot_tables(rows: list[dict]) -> list[str]:
 def calibration_section(rows: list[dict]) -> list[str]:
     """Rows measured with several calibration sizes side by side, each size's NLL paired against the
     smallest: whether a finding is about the method or about too little calibration data."""
-    sizes_of: dict[tuple[str, int, int], dict[int, dict]] = defaultdict(dict)
+    sizes_of: dict[tuple[str, int, int, int], dict[int, dict]] = defaultdict(dict)
     for row in rows:
         m = _measured_on(row)  # the answer cap: no part of the CoT NLL of gold text
         if "gsm8k_nll" in row and m.source == "gold":  # the size comparison is about the same (gold) calibration text
@@ -249,7 +256,7 @@ def calibration_section(rows: list[dict]) -> list[str]:
         "|---|---|---|---|---|" + "---|" * len(sizes),
     ]
 
-    def order(item: tuple[tuple[str, int, int], dict[int, dict]]) -> tuple:
+    def order(item: tuple[tuple[str, int, int, int], dict[int, dict]]) -> tuple:
         meta = next(iter(item[1].values()))["row"]
         return meta["model"], item[0][1], meta["allocation"], meta["sparsity"], item[0][0]
 
@@ -378,7 +385,7 @@ def _gap_cell(value: float, gap: tuple[float, float, float]) -> str:
 def calibration_source_section(rows: list[dict]) -> list[str]:
     """Rows calibrated on gold solutions and on the dense model's own traces, paired question by question:
     CoT NLL of the gold solutions and KL(dense || pruned) on the dense model's answers and on gold text."""
-    by_source: dict[tuple[str, int, int, int, int], dict[str, dict]] = defaultdict(dict)
+    by_source: dict[tuple[str, int, int, int, int, int], dict[str, dict]] = defaultdict(dict)
     for row in rows:
         m = _measured_on(row)
         if row.get("gsm8k_kl") and "gsm8k_nll" in row:
@@ -443,7 +450,7 @@ def calibration_source_accuracy_section(rows: list[dict]) -> list[str]:
     (default window, or the row's own window), paired on the questions both answered: the source and the
     window can each be told apart."""
     generated = [r for r in rows if r["row"]["importance"] is not None and r["gsm8k_correct"] and r["svamp_correct"]]
-    by_row: dict[tuple[str, int, int], dict[tuple[str, int], list[dict]]] = defaultdict(lambda: defaultdict(list))
+    by_row: dict[tuple[str, int, int], dict[tuple[str, int, int], list[dict]]] = defaultdict(lambda: defaultdict(list))
     for row in generated:
         m = _measured_on(row)
         by_row[(row["row_id"], m.cap, m.size)][(m.source, m.window, m.seed)].append(row)
@@ -587,7 +594,7 @@ def peer_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
         lines.append(
             f"| {r['row_id']} | {r['achieved_sparsity']:.1%} | {_acc(r['gsm8k_correct'])} | {_nll(r)} "
             f"| {_fmt(g.get('cot_nll_reasoning'))} | {_fmt(g.get('cot_nll_other'))} | {_acc(r['svamp_correct'])} | {r['params']:,} "
-            f"| {_structures(r, rku)} | {_gaps(r, rku)[3]} |"
+            f"| {_structures(r, rku)} | {_gaps(r, rku).nll} |"
         )
     differences = dict.fromkeys(d for r in rows for d in r.get("differences_from_engine", []))
     lines += ["", "How these rows differ from the engine's (recorded in each row as `differences_from_engine`):", ""]
