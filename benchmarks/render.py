@@ -439,10 +439,36 @@ def _on_common_questions(row: dict, reference: dict, task: str) -> list[tuple[in
     return [(i, flag, theirs[i]) for i, flag in zip(row[f"{task}_indices"], row[f"{task}_correct"]) if i in theirs]
 
 
-def _calibration_label(row: dict) -> str:
+def _calibration_label(row: dict, with_seed: bool = True) -> str:
     m = _measured_on(row)
-    seed = "" if m.seed == Settings.seed else f", seed {m.seed}"
+    seed = "" if m.seed == Settings.seed or not with_seed else f", seed {m.seed}"
     return f"{m.source}, {m.size} problems{seed}, {m.window}-token window"
+
+
+def seed_pooled_section(rows: list[dict]) -> list[str]:
+    """RKU against each other method calibrated the same way, summed over calibration samples (seeds): one
+    sample's gap can be the sample's, so a method gap measured on several is read from their sum."""
+    generated = [r for r in rows if r["row"]["importance"] is not None and r["gsm8k_correct"] and r["svamp_correct"]]
+    runs: dict[tuple, dict[tuple[str, int], dict]] = defaultdict(dict)
+    for row in generated:
+        m, meta = _measured_on(row), row["row"]
+        runs[(meta["model"], meta["allocation"], meta["sparsity"], m._replace(seed=Settings.seed))][(method_name(row), m.seed)] = row
+    pooled: dict[tuple, dict[tuple[str, int], list[int]]] = defaultdict(lambda: defaultdict(list))
+    rows_of: dict[tuple, list[str]] = defaultdict(list)
+    for (model, allocation, sparsity, measured), by_method in sorted(runs.items(), key=lambda item: item[0][:3]):
+        for (method, seed), row in sorted(by_method.items()):
+            rku = by_method.get(("rku", seed))
+            if method == "rku" or rku is None:
+                continue
+            setting = f"rku, {allocation} {sparsity:.0%}, first {measured.limit} GSM8K, {_calibration_label(rku, with_seed=False)}"
+            comparison = (model, measured.cap, setting, method)
+            rows_of[comparison].append(f"seed {seed}")
+            for task in ("gsm8k", "svamp"):
+                for i, a, b in _on_common_questions(rku, row, task):
+                    pooled[comparison][(task, i)].append(int(a) - int(b))
+    intro = "RKU against another method calibrated on the same problems, summed over the calibration samples measured"
+    lines = _pooled_comparisons(pooled, rows_of, intro)
+    return ["## One-shot methods over calibration samples", "", *lines] if lines else []
 
 
 def calibration_source_accuracy_section(rows: list[dict]) -> list[str]:
@@ -502,7 +528,11 @@ def calibration_source_accuracy_section(rows: list[dict]) -> list[str]:
     ]
 
 
-def _pooled_comparisons(pooled: dict[tuple, dict[tuple[str, int], list[int]]], rows_of: dict[tuple, list[str]]) -> list[str]:
+def _pooled_comparisons(
+    pooled: dict[tuple, dict[tuple[str, int], list[int]]],
+    rows_of: dict[tuple, list[str]],
+    intro: str = "The same comparisons summed over the rows that made them",
+) -> list[str]:
     """The gaps of every comparison made on more than one row, summed: the bootstrap resamples questions, each
     carrying its gaps in every row, since the rows answered the same questions."""
     lines = []
@@ -516,7 +546,7 @@ def _pooled_comparisons(pooled: dict[tuple, dict[tuple[str, int], list[int]]], r
                      f"| {sum(gaps):+d} [{low:+.0f}, {high:+.0f}] |")
     if not lines:
         return []
-    return ["The same comparisons summed over the rows that made them (questions resampled with all their rows' gaps):", "",
+    return [f"{intro} (questions resampled with all their rows' gaps):", "",
             "| model | answer cap | calibration | against | rows | questions | solved − against |",
             "|---|---|---|---|---|---|---|", *lines, ""]
 
@@ -955,6 +985,7 @@ def render() -> Path:
         lines += calibration_section(rows)
         lines += calibration_source_section(rows)
         lines += calibration_source_accuracy_section(rows)
+        lines += seed_pooled_section(rows)
     for row in load_rows("diagnostics"):
         lines += diagnostics_section(row)
     if peer := peer_rows():

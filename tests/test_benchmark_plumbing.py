@@ -335,3 +335,21 @@ def test_calibration_source_accuracy_pairs_rows_on_the_questions_both_answered()
     lines = [x for x in render.calibration_source_accuracy_section([gold, *reseeded]) if x.startswith("| m |")]
     assert len(lines) == 1 and "| self, 16 problems, seed 1, 640-token window | gold, 16 problems, seed 1, 256-token" in lines[0]
     assert render.calibration_source_accuracy_section([gold, reseeded[1]]) == []
+
+
+def test_method_gaps_are_summed_over_calibration_seeds_and_only_paired_within_one():
+    """RKU − FLAP on seed 0 and seed 1 (same questions) sums per question; a FLAP row with no RKU row on its own
+    seed is not paired, and one seed alone makes no sum."""
+    def row(method: str, seed: int, gsm8k: list[bool]) -> dict:
+        return {"row_id": f"m-{method}-uniform-30", "row": {"model": "m", "importance": method, "allocation": "uniform", "sparsity": 0.3},
+                "settings": {"gsm8k_limit": len(gsm8k), "calib_samples": 16, "calib_source": "self", "max_new_tokens": 256,
+                             "calib_max_length": 640, "seed": seed},
+                "gsm8k_correct": gsm8k, "gsm8k_indices": list(range(len(gsm8k))),
+                "svamp_correct": [False], "svamp_indices": [0]}
+
+    seed0 = [row("rku", 0, [True, True, False]), row("flap", 0, [False, True, False])]  # +1
+    seed1 = [row("rku", 1, [True, False, True]), row("flap", 1, [False, False, False])]  # +2
+    (line,) = [x for x in render.seed_pooled_section(seed0 + seed1) if x.startswith("| m |")]
+    assert "| rku, uniform 30%, first 3 GSM8K, self, 16 problems, 640-token window | flap | seed 0, seed 1 | 4 | +3 [" in line, line
+    assert render.seed_pooled_section(seed0 + seed1[1:]) == []
+    assert render.seed_pooled_section(seed0) == []
