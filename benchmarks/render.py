@@ -750,30 +750,36 @@ def _answers(row: dict) -> dict[tuple[int, str], dict[int, bool]]:
 
 def _recover_answers_table(rows: list[dict]) -> list[str]:
     """Accuracy per round from the kept answers, with paired gaps to the RKU run of the same preset and to the
-    same method's run of the preset's gold-CE baseline (`benchmarks.recover.BASELINES`)."""
+    same method's run of the preset's gold-CE baseline (`benchmarks.recover.BASELINES`), per task and both together."""
     answers = {r["row_id"]: _answers(r) for r in rows}
     kept = [r for r in rows if answers[r["row_id"]]]
     if not kept:
         return []
     lines = ["Accuracy per round from the kept answers (`<row>.generations.jsonl`; gaps paired per question, in solved "
              "questions, with the RKU run of the same preset and with the same method's run of the preset's gold-CE "
-             "baseline, named in the cell, `benchmarks.recover.BASELINES`):", "",
-             "| row | round | GSM8K | GSM8K − RKU | GSM8K − gold CE | OOD | OOD − RKU | OOD − gold CE |",
-             "|---|---|---|---|---|---|---|---|"]
+             "baseline, named in the cell, `benchmarks.recover.BASELINES`; *both*: GSM8K and OOD together):", "",
+             "| row | round | GSM8K | GSM8K − RKU | GSM8K − gold CE | OOD | OOD − RKU | OOD − gold CE | both − RKU | both − gold CE |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in kept:
         rku = next((x for x in kept if x["method"] == "rku" and x["preset"] == r["preset"] and x is not r), None)
         baseline = next((x for preset in BASELINES.get(r["preset"], ()) for x in kept
                          if x["method"] == r["method"] and x["preset"] == preset), None)
+
+        def results(row: dict | None, round_index: int, tasks: tuple[str, ...]) -> dict[tuple[str, int], bool]:
+            found = answers[row["row_id"]] if row else {}
+            return {(t, i): ok for t in tasks for i, ok in found.get((round_index, t), {}).items()}
+
         for round_index in sorted({k[0] for k in answers[r["row_id"]]}):
             cells = []
-            for task in ("gsm8k", "ood"):
-                mine = answers[r["row_id"]].get((round_index, task), {})
-                low, high = bootstrap_interval(list(mine.values()))
-                cells.append(f"{sum(mine.values())}/{len(mine)} [{low:.0%}, {high:.0%}]" if mine else "—")
+            for tasks in (("gsm8k",), ("ood",), ("gsm8k", "ood")):
+                mine = results(r, round_index, tasks)
+                if len(tasks) == 1:
+                    low, high = bootstrap_interval(list(mine.values()))
+                    cells.append(f"{sum(mine.values())}/{len(mine)} [{low:.0%}, {high:.0%}]" if mine else "—")
                 for other in (rku, baseline):
-                    theirs = answers[other["row_id"]].get((round_index, task), {}) if other else {}
-                    paired = theirs and set(theirs) == set(mine)
-                    gap = _question_gap([mine[i] for i in sorted(mine)], [theirs[i] for i in sorted(mine)]) if paired else ""
+                    theirs = results(other, round_index, tasks)
+                    paired = mine and set(theirs) == set(mine)
+                    gap = _question_gap([mine[k] for k in sorted(mine)], [theirs[k] for k in sorted(mine)]) if paired else ""
                     cells.append(f"{gap} (`{other['preset']}`)" if gap and other is baseline else gap)
             lines.append(f"| {r['row_id']} | {round_index} | " + " | ".join(cells) + " |")
     return lines + [""]

@@ -211,18 +211,23 @@ def test_recover_accuracy_is_paired_per_question_within_a_preset_and_with_its_ba
     folder = bench_env / "results" / "recover"
     folder.mkdir(parents=True)
     solved = {"rku": {0, 1}, "flap": {0, 2, 3}, "other": {0}}  # GSM8K questions 0-3 solved in round 1
+    ood = {"rku": {0}, "flap": {0, 1}}  # OOD questions 0-1; `other` answered none
     for name, hits in solved.items():
         answers = [{"round": 1, "task": "gsm8k", "index": i, "correct": i in hits} for i in range(4)]
+        answers += [{"round": 1, "task": "ood", "index": i, "correct": i in ood[name]} for i in range(2) if name in ood]
         (folder / f"{name}.generations.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
     rows = [{"row_id": "rku", "method": "rku", "preset": "p"}, {"row_id": "flap", "method": "flap", "preset": "p"},
             {"row_id": "other", "method": "flap", "preset": "q"}, {"row_id": "none", "method": "rku", "preset": "p"}]
     monkeypatch.setattr(render, "BASELINES", {"q": ("absent", "p")})  # `q` is compared with `p`, no run in `absent`
     table = render._recover_answers_table(rows)
     flap = next(line for line in table if line.startswith("| flap |"))
-    assert flap.startswith("| flap | 1 | 3/4 [") and "| +1 [" in flap and flap.endswith("| — |  |  |")  # 3 vs 2 solved, no OOD
+    cells = flap.split(" | ")
+    assert flap.startswith("| flap | 1 | 3/4 [") and cells[3].startswith("+1 [")  # 3 vs 2 solved
+    assert cells[5].startswith("2/2 [") and cells[6].startswith("+1 [") and cells[8].startswith("+2 [")  # 5 vs 3 of 6
     other = next(line for line in table if line.startswith("| other |")).split(" | ")
     assert other[3] == "" and other[4].startswith("-2 [")  # no RKU run in `q`; 1 vs flap's 3 in its baseline `p`
-    assert other[4].endswith("(`p`)")
+    assert other[4].endswith("(`p`)") and other[5] == "—" and other[8] == ""
+    assert other[9] == " |"  # both tasks: flap answered OOD questions `other` did not, so nothing to pair
     assert not any(line.startswith("| none |") for line in table)  # a run without kept answers
 
 
