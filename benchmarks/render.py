@@ -897,8 +897,8 @@ def _same_questions(a: dict, b: dict) -> bool:
 
 def questions_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
     """Recover rows' final answers on more questions (`benchmarks.recover_answers --questions`): each against the
-    dense model on the same questions and against the RKU run of the same preset, and each KD row against its
-    gold-CE baseline on the same questions."""
+    dense model on the same questions, then each against the RKU run of the same preset and each KD row against its
+    gold-CE baseline, per task and both together."""
     lines = [
         "## More questions: recovered models' final answers",
         "",
@@ -907,8 +907,8 @@ def questions_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
         "back unchanged). Gaps paired per question, in solved questions; *of dense*: solved over the dense model's solved "
         "on the same questions (dense from the one-shot rows, same cap).",
         "",
-        "| row | GSM8K | dense | − dense | of dense | OOD | dense | − dense | − RKU (GSM8K, OOD) | controls unchanged |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| row | GSM8K | dense | − dense | of dense | OOD | dense | − dense | controls unchanged |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     compared: list[tuple[str, dict, dict]] = []
     for r in rows:
@@ -921,20 +921,17 @@ def questions_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
                       _question_gap(mine, dense) if dense else ""]
             if task == "gsm8k":
                 cells.append(f"{sum(mine) / sum(dense):.0%}" if dense and sum(dense) else "")
-        rku = next((x for x in rows if x["method"] == "rku" and x["preset"] == r["preset"] and x is not r), None)
-        paired = rku and _same_questions(r, rku)
-        cells.append(", ".join(_question_gap(r[t]["correct"], rku[t]["correct"]) for t in ("gsm8k", "ood")) if paired else "")
         lines.append(f"| {r['row_id']} | " + " | ".join(cells) + f" | {_controls_cell(r)} |")
-        if paired:
+        rku = next((x for x in rows if x["method"] == "rku" and x["preset"] == r["preset"] and x is not r), None)
+        if rku and _same_questions(r, rku):
             compared.append((f"{r['method']} − rku (`{r['preset']}`)", r, rku))
-    if pairs := _baseline_pairs(rows, _same_questions):
+    compared += [(f"`{r['preset']}` − `{b['preset']}` ({r['method']})", r, b) for r, b in _baseline_pairs(rows, _same_questions)]
+    if compared:
         lines += ["", "| pair | GSM8K | OOD | both |", "|---|---|---|---|"]
-        for r, b in pairs:
+        for label, r, b in compared:
             cells = [_count_gap(r[t]["correct"], b[t]["correct"]) for t in ("gsm8k", "ood")]
             cells.append(_count_gap(r["gsm8k"]["correct"] + r["ood"]["correct"], b["gsm8k"]["correct"] + b["ood"]["correct"]))
-            lines.append(f"| `{r['preset']}` − `{b['preset']}` ({r['method']}) | " + " | ".join(cells) + " |")
-            compared.append((f"`{r['preset']}` − `{b['preset']}` ({r['method']})", r, b))
-    if compared:
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines += _resolving_table(compared)
     return lines + [""]
 

@@ -62,12 +62,18 @@ def test_a_rebuilt_model_finishes_the_cut_answers_and_renders(bench_env, monkeyp
     common.write_row("recover_t12", recover.row_id("magnitude", "tiny-kd"), kd)
     common.write_row("recover_q4", recover.row_id("magnitude", "tiny"), more)
     common.write_row("recover_q4", recover.row_id("magnitude", "tiny-kd"), {**more, "preset": "tiny-kd"})
+    flipped = {t: {**more[t], "correct": [not c for c in more[t]["correct"]]} for t in ("gsm8k", "ood")}
+    common.write_row("recover_q4", recover.row_id("rku", "tiny"), {**more, **flipped, "method": "rku"})  # every answer differs
     text = render.render().read_text()
     questions = text.split("## More questions", 1)[1].split("\n## ", 1)[0]
     line = next(x for x in questions.splitlines() if x.startswith("| qwen0.5b-magnitude-tiny |"))
     assert f"| {sum(more['gsm8k']['correct'])}/4 [" in line and line.endswith(f"| {more['gsm8k']['controls_unchanged'] + more['ood']['controls_unchanged']} of {more['gsm8k']['controls'] + more['ood']['controls']} |")
     pair = next(line for line in questions.splitlines() if line.startswith("| `tiny-kd` − `tiny` (magnitude) |"))
     assert pair.count("of 4: +0 [+0, +0]") == 2 and pair.endswith("of 8: +0 [+0, +0] |")  # per task, then both
+    solved = sum(more["gsm8k"]["correct"] + more["ood"]["correct"])
+    pair = next(line for line in questions.splitlines() if line.startswith("| magnitude − rku (`tiny`) |"))
+    assert f"| {solved} vs {8 - solved} of 8: {2 * solved - 8:+d} [" in pair  # both tasks: every answer paired with its flip
+    assert not any(line.startswith("| rku − rku") for line in questions.splitlines())
     # Equal answers: no gap, so no question count would resolve one.
     assert "| `tiny-kd` − `tiny` (magnitude) | 8 | +0 | 0 | — |" in questions
     section = text.split("## Answer cap", 1)[1].split("\n## ", 1)[0]
