@@ -760,15 +760,16 @@ def _recover_answers_table(rows: list[dict]) -> list[str]:
              "baseline, named in the cell, `benchmarks.recover.BASELINES`; *both*: GSM8K and OOD together):", "",
              "| row | round | GSM8K | GSM8K − RKU | GSM8K − gold CE | OOD | OOD − RKU | OOD − gold CE | both − RKU | both − gold CE |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def results(row: dict | None, round_index: int, tasks: tuple[str, ...]) -> dict[tuple[str, int], bool]:
+        """A run's answers in one round, keyed by (task, question index); none for no run."""
+        found = answers[row["row_id"]] if row else {}
+        return {(t, i): ok for t in tasks for i, ok in found.get((round_index, t), {}).items()}
+
     for r in kept:
         rku = next((x for x in kept if x["method"] == "rku" and x["preset"] == r["preset"] and x is not r), None)
         baseline = next((x for preset in BASELINES.get(r["preset"], ()) for x in kept
                          if x["method"] == r["method"] and x["preset"] == preset), None)
-
-        def results(row: dict | None, round_index: int, tasks: tuple[str, ...]) -> dict[tuple[str, int], bool]:
-            found = answers[row["row_id"]] if row else {}
-            return {(t, i): ok for t in tasks for i, ok in found.get((round_index, t), {}).items()}
-
         for round_index in sorted({k[0] for k in answers[r["row_id"]]}):
             cells = []
             for tasks in (("gsm8k",), ("ood",), ("gsm8k", "ood")):
