@@ -748,6 +748,11 @@ def _answers(row: dict) -> dict[tuple[int, str], dict[int, bool]]:
     return found
 
 
+def _rku_run(rows: list[dict], row: dict) -> dict | None:
+    """The RKU run of `row`'s preset among `rows` (None for RKU's own run): the reference every method is paired with."""
+    return next((x for x in rows if x["method"] == "rku" and x["preset"] == row["preset"] and x is not row), None)
+
+
 def _recover_answers_table(rows: list[dict]) -> list[str]:
     """Accuracy per round from the kept answers, with paired gaps to the RKU run of the same preset and to the
     same method's run of the preset's gold-CE baseline (`benchmarks.recover.BASELINES`), per task and both together."""
@@ -767,7 +772,7 @@ def _recover_answers_table(rows: list[dict]) -> list[str]:
         return {(t, i): ok for t in tasks for i, ok in found.get((round_index, t), {}).items()}
 
     for r in kept:
-        rku = next((x for x in kept if x["method"] == "rku" and x["preset"] == r["preset"] and x is not r), None)
+        rku = _rku_run(kept, r)
         baseline = next((x for preset in BASELINES.get(r["preset"], ()) for x in kept
                          if x["method"] == r["method"] and x["preset"] == preset), None)
         for round_index in sorted({k[0] for k in answers[r["row_id"]]}):
@@ -923,7 +928,7 @@ def questions_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
             if task == "gsm8k":
                 cells.append(f"{sum(mine) / sum(dense):.0%}" if dense and sum(dense) else "")
         lines.append(f"| {r['row_id']} | " + " | ".join(cells) + f" | {_controls_cell(r)} |")
-        rku = next((x for x in rows if x["method"] == "rku" and x["preset"] == r["preset"] and x is not r), None)
+        rku = _rku_run(rows, r)
         if rku and _same_questions(r, rku):
             compared.append((f"{r['method']} − rku (`{r['preset']}`)", r, rku))
     compared += [(f"`{r['preset']}` − `{b['preset']}` ({r['method']})", r, b) for r, b in _baseline_pairs(rows, _same_questions)]
