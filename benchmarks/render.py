@@ -484,6 +484,7 @@ def calibration_source_accuracy_section(rows: list[dict]) -> list[str]:
     # Per comparison (model, cap, calibration, against): each question's gaps over the rows compared that way.
     pooled: dict[tuple[str, int, str, str], dict[tuple[str, int], list[int]]] = defaultdict(lambda: defaultdict(list))
     rows_of: dict[tuple[str, int, str, str], list[str]] = defaultdict(list)
+    seeds_of: dict[tuple[str, int, str, str], dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
     for (_, tokens, _), variants in sorted(by_row.items(), key=lambda item: (
             next(iter(item[1].values()))[0]["row"]["sparsity"], item[0])):
         # One row per calibration: the one measured on the most questions (they agree on the shared ones).
@@ -497,7 +498,12 @@ def calibration_source_accuracy_section(rows: list[dict]) -> list[str]:
                     continue  # one direction per pair of gold windows
                 meta = row["row"]
                 comparison = (meta["model"], tokens, _calibration_label(row), _calibration_label(gold))
-                rows_of[comparison].append(f"{method_name(row)} {meta['sparsity']:.0%}")
+                name = f"{method_name(row)} {meta['sparsity']:.0%}"
+                rows_of[comparison].append(name)
+                # The same comparison over every calibration sample (seed): summed only where more than one was measured.
+                over_seeds = (meta["model"], tokens, _calibration_label(row, with_seed=False) + ", all seeds",
+                              _calibration_label(gold, with_seed=False) + ", all seeds")
+                seeds_of[over_seeds][seed].append(name)
                 cells, pooled_row, pooled_gold = [], [], []
                 for task in ("gsm8k", "svamp"):
                     common = _on_common_questions(row, gold, task)
@@ -507,11 +513,16 @@ def calibration_source_accuracy_section(rows: list[dict]) -> list[str]:
                     cells.append(_count_gap(mine, theirs))
                     for i, a, b in common:
                         pooled[comparison][(task, i)].append(int(a) - int(b))
+                        pooled[over_seeds][(task, i)].append(int(a) - int(b))
                 cells.append(_count_gap(pooled_row, pooled_gold))
                 out.append(f"| {meta['model']} | {meta['allocation']} | {meta['sparsity']:.0%} | {method_name(row)} | {tokens} "
                            f"| {_calibration_label(row)} | {_calibration_label(gold)} | " + " | ".join(cells) + " |")
     if not out:
         return []
+    for comparison, seeds in seeds_of.items():
+        if len(seeds) < 2:
+            pooled.pop(comparison, None)  # one sample: its sum is already the seeded line
+        rows_of[comparison] = [f"seed {seed} ({', '.join(names)})" for seed, names in sorted(seeds.items())]
     return [
         "## Calibration source: accuracy",
         "",

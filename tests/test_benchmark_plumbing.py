@@ -340,6 +340,12 @@ def test_calibration_source_accuracy_pairs_rows_on_the_questions_both_answered()
     lines = [x for x in render.calibration_source_accuracy_section([gold, *reseeded]) if x.startswith("| m |")]
     assert len(lines) == 1 and "| self, 16 problems, seed 1, 640-token window | gold, 16 problems, seed 1, 256-token" in lines[0]
     assert render.calibration_source_accuracy_section([gold, reseeded[1]]) == []
+    # Both samples measured: the comparison is also summed over them (+2 on each sample's 6 shared questions).
+    section = render.calibration_source_accuracy_section([gold, own, *reseeded])
+    (over_seeds,) = [x for x in section if "all seeds" in x]
+    assert "| self, 16 problems, 640-token window, all seeds | gold, 16 problems, 256-token window, all seeds |" in over_seeds
+    assert "| seed 0 (rku 20%), seed 1 (rku 20%) | 6 | +4 [" in over_seeds, over_seeds
+    assert not any("all seeds" in x for x in render.calibration_source_accuracy_section([gold, own, flap_gold, flap_own]))
 
 
 def test_method_gaps_are_summed_over_calibration_seeds_and_only_paired_within_one():
