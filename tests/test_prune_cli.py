@@ -27,10 +27,12 @@ def saved_tiny(tmp_path, family):
 @pytest.mark.parametrize("importance, objective", [("rku", "ce"), ("rku", "hidden"), ("flap", "ce")])
 def test_cli_prunes_and_exports(saved_tiny, shared_data, tmp_path, importance, objective, capsys):
     out = tmp_path / "pruned"
+    # `hidden` calibrates on the questions alone: the default `self` source must not generate answers for it.
+    source = () if objective == "hidden" else ("--calibration-source", "gold")
     report = main([
         "--model", str(saved_tiny), "--sparsity", "0.3", "--importance", importance, "--objective", objective,
-        "--calibration", str(shared_data / "gsm8k" / "train.jsonl"), "--samples", "4", "--batch-size", "2",
-        "--max-length", "700", "--out", str(out),
+        "--calibration", str(shared_data / "gsm8k" / "train.jsonl"), *source, "--samples", "4",
+        "--batch-size", "2", "--max-length", "700", "--out", str(out),
     ])
     assert abs(report["sparsity"] - 0.3) < 0.012
     printed = capsys.readouterr().out
@@ -39,6 +41,7 @@ def test_cli_prunes_and_exports(saved_tiny, shared_data, tmp_path, importance, o
     plan = json.loads((out / "pruning.json").read_text())
     assert plan["report"]["sparsity"] == report["sparsity"] and plan["cli"]["samples"] == 4
     assert plan["calibration"] == {"requested_samples": 4, "samples": 4}
+    assert plan["traces"] is None
     assert sum(p.numel() for p in model.parameters()) == report["total_params_after"]
     with pytest.raises(UsageError, match="already exists.*--overwrite"):
         main(["--model", str(saved_tiny), "--sparsity", "0.3", "--out", str(out)])
@@ -61,16 +64,17 @@ def test_calibration_batches_are_a_fixed_sample(shared_data, tmp_path):
 
 @pytest.mark.parametrize("family", ["llama"])
 def test_cli_calibrates_on_the_models_own_traces(saved_tiny, shared_data, tmp_path, monkeypatch):
-    """`--calibration-source self`: traces generated once and cached, recorded in pruning.json, and different masks."""
+    """`--calibration-source self` (the default): traces generated once and cached, recorded in pruning.json, and
+    different masks from `gold`."""
     monkeypatch.setenv("RKU_CACHE", str(tmp_path / "cache"))
     common = ["--model", str(saved_tiny), "--sparsity", "0.3", "--calibration", str(shared_data / "gsm8k" / "train.jsonl"),
               "--samples", "4", "--batch-size", "2", "--max-length", "700", "--checkpoint-layers"]
-    main([*common, "--calibration-source", "self", "--trace-max-new-tokens", "8", "--out", str(tmp_path / "self1")])
+    main([*common, "--trace-max-new-tokens", "8", "--out", str(tmp_path / "self1")])
     first = json.loads((tmp_path / "self1" / "pruning.json").read_text())["traces"]
     assert first["hit"] is False and first["traces"] == 4 and first["path"].startswith(str(tmp_path / "cache"))
     main([*common, "--calibration-source", "self", "--trace-max-new-tokens", "8", "--out", str(tmp_path / "self2")])
     assert json.loads((tmp_path / "self2" / "pruning.json").read_text())["traces"]["hit"] is True
-    main([*common, "--out", str(tmp_path / "gold")])
+    main([*common, "--calibration-source", "gold", "--out", str(tmp_path / "gold")])
     gold, own = (json.loads((tmp_path / name / "pruning.json").read_text()) for name in ("gold", "self1"))
     assert gold["traces"] is None
     assert gold["layers"] != own["layers"] or gold["report"]["layers"] != own["report"]["layers"]
@@ -88,7 +92,8 @@ def test_cli_warns_when_max_length_cuts_the_calibration_solutions(saved_tiny, sh
     problems = sample_problems(load_problems(train, task="gsm8k", split="train").problems, 4, 0)
     lengths = solution_lengths(AutoTokenizer.from_pretrained(saved_tiny), problems)
     window = max(p for p, _ in lengths) + 8
-    common = ["--model", str(saved_tiny), "--sparsity", "0.3", "--calibration", str(train), "--samples", "4", "--batch-size", "2"]
+    common = ["--model", str(saved_tiny), "--sparsity", "0.3", "--calibration", str(train), "--calibration-source", "gold",
+              "--samples", "4", "--batch-size", "2"]
     with pytest.warns(UserWarning, match=rf"--calibration-source gold: --max-length={window} cuts the end off 4 of 4 solutions") as caught:
         main([*common, "--max-length", str(window), "--out", str(tmp_path / "short")])
     longest = max(p + s for p, s in lengths)

@@ -54,9 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration", default=str(task_file("gsm8k", "train")), help="GSM8K-style JSONL path or hub id")
     parser.add_argument("--calibration-task", default="gsm8k", choices=("gsm8k", "svamp", "jsonl"))
     parser.add_argument(
-        "--calibration-source", default="gold", choices=CALIBRATION_SOURCES,
-        help="chains of thought to score on: the data set's solutions (gold) or the model's own greedy answers "
-        "(self; generated once and cached under $RKU_CACHE/traces)",
+        "--calibration-source", default="self", choices=CALIBRATION_SOURCES,
+        help="chains of thought to score on: the model's own greedy answers (self, the default: one-shot it kept "
+        "more answers than gold over two calibration samples, README 'Defaults'; generated once and cached under "
+        "$RKU_CACHE/traces) or the data set's solutions (gold: no generation); unused by --objective hidden",
     )
     parser.add_argument("--trace-keep", default="all", choices=TRACE_FILTERS, help="self: keep all traces or only correct ones")
     parser.add_argument("--trace-max-new-tokens", type=int, default=320, help="self: token budget of each trace")
@@ -65,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibration problems (a fixed seeded sample); global allocation ranks across layers and was "
         "measured to need 64-128 (README, Results)",
     )
-    parser.add_argument("--max-length", type=int, default=384, help="tokens per calibration sequence")
+    parser.add_argument(
+        "--max-length", type=int, default=640,
+        help="tokens per calibration sequence: 640 holds a prompt and a whole 320-token trace (shorter windows "
+        "score the openings only and were measured to lose)",
+    )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sample and of a named importance")
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
@@ -130,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise UsageError(str(error).replace("min_mlp_keep", "--min-mlp-keep")) from None
     calibration = traces = None
     if problems is not None:
-        if args.calibration_source == "self":
+        if args.calibration_source == "self" and args.objective != "hidden":  # `hidden` reads no answers
             problems, traces = self_calibration_problems(
                 model, tokenizer, problems, args.samples, args.seed, args.trace_keep, args.trace_max_new_tokens, args.batch_size
             )
