@@ -135,16 +135,16 @@ def main(argv: list[str] | None = None) -> dict:
         raise UsageError(str(error).replace("min_mlp_keep", "--min-mlp-keep")) from None
     calibration = traces = None
     if problems is not None:
-        if args.calibration_source == "self" and args.objective != "hidden":  # `hidden` reads no answers
+        questions_only = args.objective == "hidden"  # `hidden` calibrates on the questions alone: no answers read
+        if args.calibration_source == "self" and not questions_only:
             problems, traces = self_calibration_problems(
                 model, tokenizer, problems, args.samples, args.seed, args.trace_keep, args.trace_max_new_tokens, args.batch_size
             )
-        if args.objective != "hidden":  # `hidden` calibrates on the questions alone
+        if not questions_only:
             warn_if_calibration_cut(tokenizer, problems, args.samples, args.max_length, args.seed,
                                     f"--calibration-source {args.calibration_source}", "--max-length")
         batches = calibration_batches(
-            tokenizer, problems, args.samples, args.batch_size, args.max_length,
-            questions_only=args.objective == "hidden", seed=args.seed,
+            tokenizer, problems, args.samples, args.batch_size, args.max_length, questions_only=questions_only, seed=args.seed,
         )
         calibration = {"requested_samples": args.samples, "samples": sum(len(b["input_ids"]) for b in batches)}
         pruner.calibrate(batches)
