@@ -94,6 +94,14 @@ PRESETS: dict[str, list[str]] = {
             "kd-self-30": [*KD_SELF, "--data.trace_samples=800", "--pruning.target_sparsity=0.3"],
         }.items()
     },
+    # Where one-shot 40 % kept most (README, "Allocation"): MLP channels only, ranked across layers, with the
+    # reasoning issue's recovery and with its gold-CE pair; run with `--method kinetic` (its one-shot pick).
+    **{
+        f"cpu-global-mlp-{name}": [
+            *with_option(with_option(base, "--data.max_length=640"), "--pruning.allocation=global"), "--pruning.attention=none",
+        ]
+        for name, base in {"kd-self-L640": CPU_KD_SELF, "L640": CPU_UNIFORM}.items()
+    },
     # The control for it: one round of the same recovery after removing only 0.1 % (the least a
     # run may target), so that what LoRA recovery alone does to accuracy can be told from pruning.
     "cpu-recovery-only": with_option(
@@ -107,9 +115,14 @@ BASELINES: dict[str, tuple[str, ...]] = {
     "cpu-uniform-kd-self": ("cpu-uniform",),
     "cpu-uniform-kd-self-L640": ("cpu-uniform-L640", "cpu-uniform"),
     "cpu-uniform-kd-self-L640-30": ("cpu-uniform-L640-30",),
+    "cpu-global-mlp-kd-self-L640": ("cpu-global-mlp-L640",),
     "gpu-kd-self": ("gpu-ce-gold",),
     "gpu-kd-self-30": ("gpu-ce-gold-30",),
 }
+
+#: The preset whose runs (every method) a preset that changes only what is pruned is paired with in RESULTS.md: the same
+#: recovery, budget and questions with the uniform allocation.
+REFERENCES: dict[str, str] = {"cpu-global-mlp-kd-self-L640": "cpu-uniform-kd-self-L640", "cpu-global-mlp-L640": "cpu-uniform-L640"}
 
 
 def row_id(method: str, preset: str) -> str:

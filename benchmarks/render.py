@@ -26,7 +26,7 @@ from rku_lightning.training.reporting import markdown_table  # noqa: E402
 from .answers import AnswerSet, answer_sets  # noqa: E402
 from .common import RESULTS, ROOT, load_rows  # noqa: E402
 from .oneshot import ATTENTION_SUFFIXES, Settings  # noqa: E402
-from .recover import BASELINES  # noqa: E402
+from .recover import BASELINES, REFERENCES  # noqa: E402
 
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 BOOTSTRAP = 2000
@@ -759,20 +759,35 @@ def _answers(row: dict) -> dict[tuple[int, str], dict[int, bool]]:
     return found
 
 
+def _paired_runs(rows: list[dict], row: dict) -> list[dict]:
+    """The runs among `rows` that `row` is paired with by method: its preset's RKU run (none for RKU's own run), and every
+    run of its reference preset (`benchmarks.recover.REFERENCES`) where it changes only what is pruned."""
+    return [x for x in rows if x is not row and (x["preset"] == row["preset"] and x["method"] == "rku"
+                                                  or x["preset"] == REFERENCES.get(row["preset"]))]
+
+
 def _rku_run(rows: list[dict], row: dict) -> dict | None:
-    """The RKU run of `row`'s preset among `rows` (None for RKU's own run): the reference every method is paired with."""
-    return next((x for x in rows if x["method"] == "rku" and x["preset"] == row["preset"] and x is not row), None)
+    """The RKU run `row` is paired with: its preset's, else its reference preset's (None for RKU's own run)."""
+    return next((x for x in _paired_runs(rows, row) if x["method"] == "rku"), None)
+
+
+def _pair_label(row: dict, other: dict) -> str:
+    """`method − method (preset)`, naming both presets where they differ."""
+    if row["preset"] == other["preset"]:
+        return f"{row['method']} − {other['method']} (`{row['preset']}`)"
+    return f"{row['method']} (`{row['preset']}`) − {other['method']} (`{other['preset']}`)"
 
 
 def _recover_answers_table(rows: list[dict]) -> list[str]:
-    """Accuracy per round from the kept answers, with paired gaps to the RKU run of the same preset and to the
+    """Accuracy per round from the kept answers, with paired gaps to the RKU run `_rku_run` pairs it with and to the
     same method's run of the preset's gold-CE baseline (`benchmarks.recover.BASELINES`), per task and both together."""
     answers = {r["row_id"]: _answers(r) for r in rows}
     kept = [r for r in rows if answers[r["row_id"]]]
     if not kept:
         return []
     lines = ["Accuracy per round from the kept answers (`<row>.generations.jsonl`; gaps paired per question, in solved "
-             "questions, with the RKU run of the same preset and with the same method's run of the preset's gold-CE "
+             "questions, with the RKU run of the same preset (or, named in the cell, of the uniform preset a preset that "
+             "changes only what is pruned is paired with, `benchmarks.recover.REFERENCES`) and with the same method's run of the preset's gold-CE "
              "baseline, named in the cell, `benchmarks.recover.BASELINES`; *both*: GSM8K and OOD together):", "",
              "| row | round | GSM8K | GSM8K − RKU | GSM8K − gold CE | OOD | OOD − RKU | OOD − gold CE | both − RKU | both − gold CE |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -797,7 +812,7 @@ def _recover_answers_table(rows: list[dict]) -> list[str]:
                     theirs = results(other, round_index, tasks)
                     paired = mine and set(theirs) == set(mine)
                     gap = _question_gap([mine[k] for k in sorted(mine)], [theirs[k] for k in sorted(mine)]) if paired else ""
-                    cells.append(f"{gap} (`{other['preset']}`)" if gap and other is baseline else gap)
+                    cells.append(f"{gap} (`{other['preset']}`)" if gap and other["preset"] != r["preset"] else gap)
             lines.append(f"| {r['row_id']} | {round_index} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -914,7 +929,7 @@ def _same_questions(a: dict, b: dict) -> bool:
 
 def questions_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
     """Recover rows' final answers on more questions (`benchmarks.recover_answers --questions`): each against the
-    dense model on the same questions, then each against the RKU run of the same preset and each KD row against its
+    dense model on the same questions, then each against the runs `_paired_runs` names and each KD row against its
     gold-CE baseline, per task and both together."""
     lines = [
         "## More questions: recovered models' final answers",
@@ -939,9 +954,7 @@ def questions_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
             if task == "gsm8k":
                 cells.append(f"{sum(mine) / sum(dense):.0%}" if dense and sum(dense) else "")
         lines.append(f"| {r['row_id']} | " + " | ".join(cells) + f" | {_controls_cell(r)} |")
-        rku = _rku_run(rows, r)
-        if rku and _same_questions(r, rku):
-            compared.append((f"{r['method']} − rku (`{r['preset']}`)", r, rku))
+        compared += [(_pair_label(r, other), r, other) for other in _paired_runs(rows, r) if _same_questions(r, other)]
     compared += [(f"`{r['preset']}` − `{b['preset']}` ({r['method']})", r, b) for r, b in _baseline_pairs(rows, _same_questions)]
     if compared:
         lines += ["", "| pair | GSM8K | OOD | both |", "|---|---|---|---|"]

@@ -231,6 +231,25 @@ def test_recover_accuracy_is_paired_per_question_within_a_preset_and_with_its_ba
     assert not any(line.startswith("| none |") for line in table)  # a run without kept answers
 
 
+def test_a_preset_that_changes_only_what_is_pruned_is_paired_with_every_run_of_its_reference(monkeypatch):
+    """The global MLP-only KD run against the uniform KD runs of RKU and FLAP, on the same questions only."""
+    monkeypatch.setattr(render, "REFERENCES", {"g": "u"})
+
+    def row(method: str, preset: str, gsm8k: list[int], ood: list[int], first: int = 0) -> dict:
+        tasks = {t: {"correct": [bool(x) for x in c], "indices": list(range(first, first + len(c))), "controls": 1,
+                     "controls_unchanged": 1} for t, c in (("gsm8k", gsm8k), ("ood", ood))}
+        return {"row_id": f"{method}-{preset}", "method": method, "preset": preset, "cap": 256, **tasks}
+
+    rows = [row("rku", "u", [1, 0, 0, 0], [1, 0]), row("flap", "u", [1, 1, 0, 0], [0, 0]),
+            row("kinetic", "g", [1, 1, 1, 0], [1, 1]), row("rku", "x", [1, 1, 1, 1], [1, 1], first=4)]
+    lines = render.questions_section(rows, oneshot=[])
+    pairs = {line.split(" | ")[0].removeprefix("| "): line.split(" | ")[1:] for line in lines if " vs " in line}
+    assert set(pairs) == {"kinetic (`g`) − rku (`u`)", "kinetic (`g`) − flap (`u`)", "flap − rku (`u`)"}
+    assert pairs["kinetic (`g`) − rku (`u`)"][0].startswith("3 vs 1 of 4: +2 [")
+    assert pairs["kinetic (`g`) − flap (`u`)"][2].startswith("5 vs 2 of 6: +3 [")  # both tasks together
+    assert render._rku_run(rows, rows[2]) is rows[0] and render._rku_run(rows, rows[0]) is None
+
+
 def test_a_row_counts_as_done_only_when_measured_with_the_same_settings(bench_env):
     """A row written before KL to dense existed (no `kl` in its settings) is measured again, not reused."""
     settings = Settings(gsm8k_limit=3, generate=False)
