@@ -713,7 +713,8 @@ def recover_section(rows: list[dict], plot_path: Path) -> list[str]:
     """
     lines = ["## Prune and recover (`train.py`, LoRA recovery between rounds)", ""]
     panels = [m for m in RECOVER_PANELS if any(m in x.get("metrics", {}) for r in rows for x in r["report"]["rounds"])]
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.5 * max(len(panels), 1), 4), squeeze=False)
+    rows_of_legend = math.ceil(len(rows) / 3)
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.5 * max(len(panels), 1), 4 + 0.18 * rows_of_legend), squeeze=False)
     # One colour per method and one line style per preset, the same in every panel.
     colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
     styles = {p: s for p, s in zip(dict.fromkeys(r["preset"] for r in rows), itertools.cycle(("-", "--", ":", "-.")))}
@@ -733,8 +734,11 @@ def recover_section(rows: list[dict], plot_path: Path) -> list[str]:
         ax.set_xlabel("decoder sparsity after the round's recovery")
         ax.set_ylabel(RECOVER_PANELS[metric])
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    # One legend for all panels, below them: a legend per panel covered the lines once there were a dozen runs.
+    handles = {label: line for ax in axes[0] for line, label in zip(*ax.get_legend_handles_labels())}
+    if handles:
+        fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.18 * rows_of_legend / fig.get_figheight(), 1, 1))  # the legend's share of the height
     fig.savefig(plot_path, dpi=110)
     plt.close(fig)
     return lines + [f"![Validation metrics per round](results/{plot_path.name})", ""]
