@@ -772,7 +772,8 @@ def _paired_runs(rows: list[dict], row: dict) -> list[dict]:
 
 def _rku_run(rows: list[dict], row: dict) -> dict | None:
     """The RKU run `row` is paired with: its preset's, else its reference preset's (None for RKU's own run)."""
-    return next((x for x in _paired_runs(rows, row) if x["method"] == "rku"), None)
+    runs = [x for x in _paired_runs(rows, row) if x["method"] == "rku"]
+    return min(runs, key=lambda x: x["preset"] != row["preset"], default=None)
 
 
 def _pair_label(row: dict, other: dict) -> str:

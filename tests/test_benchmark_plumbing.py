@@ -248,6 +248,8 @@ def test_a_preset_that_changes_only_what_is_pruned_is_paired_with_every_run_of_i
     assert pairs["kinetic (`g`) − rku (`u`)"][0].startswith("3 vs 1 of 4: +2 [")
     assert pairs["kinetic (`g`) − flap (`u`)"][2].startswith("5 vs 2 of 6: +3 [")  # both tasks together
     assert render._rku_run(rows, rows[2]) is rows[0] and render._rku_run(rows, rows[0]) is None
+    own = row("rku", "g", [0, 0, 0, 0], [0, 0])  # an RKU run of its own preset comes first, wherever it is listed
+    assert render._rku_run([*rows, own], rows[2]) is own
 
 
 def test_a_row_counts_as_done_only_when_measured_with_the_same_settings(bench_env):
