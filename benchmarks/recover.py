@@ -8,7 +8,8 @@ its own process: the same config, data, steps and seeds for every method, only t
 steps, shorter sequences, CoT NLL validation without generation); they are recorded in the row. The row
 holds the run's report (every round's sparsity, size, metrics and phase times) and, for comparison
 with the one-shot rows, the exported model's CoT NLL on the same 32 GSM8K test questions with
-per-question sums (bootstrap intervals, paired gaps between methods).
+per-question sums (bootstrap intervals, paired gaps between methods). `<preset>-seed<S>` runs a preset of
+`SEEDED` again under seed S, so that a gap between two methods can be told from one run's draw.
 
 A row whose run was interrupted (a session's end, a crash) resumes from the run's latest round-end
 checkpoint when it is run again, so the hours-long `full` preset can be finished in several sittings.
@@ -17,6 +18,7 @@ checkpoint when it is run again, so the hours-long `full` preset can be finished
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -53,6 +55,15 @@ KD_SELF = ["--model.recovery=kd", "--data.train_source=self", "--data.calibratio
 #: On the CPU budget: 64 training questions (one pass of 2 rounds x 16 steps x 2), 16 calibration traces.
 CPU_KD_SELF = [*CPU_UNIFORM, *KD_SELF, "--data.calibration_samples=16", "--data.trace_samples=64"]
 
+#: One GPU (benchmarks/gpu_reasoning.sh): the config's budget (4 rounds to 40 %, 50 steps of 4 sequences), uniform
+#: allocation, 100 + 100 validation questions in batches of 100; answers and traces up to 512 tokens in 640-token
+#: windows, so that neither the cap nor the window decides gold vs self (RESULTS.md, "Why the answers are wrong").
+GPU_BUDGET = ["--trainer.accelerator=gpu", "--data.eval_batch_size=100", "--pruning.allocation=uniform",
+              "--model.max_new_tokens=512", "--data.trace_max_new_tokens=512", "--data.max_length=640"]
+GPU_KD_SELF = [*KD_SELF, "--data.trace_samples=800"]
+#: MLP channels only, ranked across layers: where one-shot 40 % kept most (README, "Allocation").
+GLOBAL_MLP = ["--pruning.allocation=global", "--pruning.attention=none"]
+
 
 def with_option(overrides: list[str], option: str) -> list[str]:
     """`overrides` with `option` (`--key=value`) in place of the value it had there."""
@@ -78,28 +89,25 @@ PRESETS: dict[str, list[str]] = {
         f"{name}-30": with_option(with_option(base, "--data.max_length=640"), "--pruning.target_sparsity=0.3")
         for name, base in {"cpu-uniform-kd-self-L640": CPU_KD_SELF, "cpu-uniform-L640": CPU_UNIFORM}.items()
     },
-    # One GPU (benchmarks/gpu_reasoning.sh): the config's budget (4 rounds to 40 %, 50 steps of 4 sequences),
-    # uniform allocation, 100 + 100 validation questions in batches of 100; answers and traces up to 512
-    # tokens in 640-token windows, so that neither the cap nor the window decides gold vs self (RESULTS.md,
-    # "Why the answers are wrong").
+    # One GPU (GPU_BUDGET), each with its overrides.
     **{
-        f"gpu-{name}": ["--trainer.accelerator=gpu", "--data.eval_batch_size=100", "--pruning.allocation=uniform",
-                        "--model.max_new_tokens=512", "--data.trace_max_new_tokens=512", "--data.max_length=640", *extra]
+        f"gpu-{name}": functools.reduce(with_option, extra, GPU_BUDGET)
         for name, extra in {
             "ce-gold": [],
-            "kd-self": [*KD_SELF, "--data.trace_samples=800"],
+            "kd-self": GPU_KD_SELF,
             "recovery-only": ["--pruning.rounds=1", "--pruning.target_sparsity=0.001", "--evaluate_dense=false"],
             # The issue's second target, after the 40 % rows.
             "ce-gold-30": ["--pruning.target_sparsity=0.3"],
-            "kd-self-30": [*KD_SELF, "--data.trace_samples=800", "--pruning.target_sparsity=0.3"],
+            "kd-self-30": [*GPU_KD_SELF, "--pruning.target_sparsity=0.3"],
+            # The CPU rows' global MLP-only pick at 40 % (run with `--method kinetic`), under both recoveries.
+            "global-mlp-ce-gold": GLOBAL_MLP,
+            "global-mlp-kd-self": [*GPU_KD_SELF, *GLOBAL_MLP],
         }.items()
     },
     # Where one-shot 40 % kept most (README, "Allocation"): MLP channels only, ranked across layers, with the
     # reasoning issue's recovery and with its gold-CE pair; run with `--method kinetic` (its one-shot pick).
     **{
-        f"cpu-global-mlp-{name}": [
-            *with_option(with_option(base, "--data.max_length=640"), "--pruning.allocation=global"), "--pruning.attention=none",
-        ]
+        f"cpu-global-mlp-{name}": functools.reduce(with_option, ["--data.max_length=640", *GLOBAL_MLP], base)
         for name, base in {"kd-self-L640": CPU_KD_SELF, "L640": CPU_UNIFORM}.items()
     },
     # The control for it: one round of the same recovery after removing only 0.1 % (the least a
@@ -118,11 +126,35 @@ BASELINES: dict[str, tuple[str, ...]] = {
     "cpu-global-mlp-kd-self-L640": ("cpu-global-mlp-L640",),
     "gpu-kd-self": ("gpu-ce-gold",),
     "gpu-kd-self-30": ("gpu-ce-gold-30",),
+    "gpu-global-mlp-kd-self": ("gpu-global-mlp-ce-gold",),
 }
 
 #: The preset whose runs (every method) a preset that changes only what is pruned is paired with in RESULTS.md: the same
 #: recovery, budget and questions with the uniform allocation.
-REFERENCES: dict[str, str] = {"cpu-global-mlp-kd-self-L640": "cpu-uniform-kd-self-L640", "cpu-global-mlp-L640": "cpu-uniform-L640"}
+REFERENCES: dict[str, str] = {
+    "cpu-global-mlp-kd-self-L640": "cpu-uniform-kd-self-L640",
+    "cpu-global-mlp-L640": "cpu-uniform-L640",
+    "gpu-global-mlp-kd-self": "gpu-kd-self",
+    "gpu-global-mlp-ce-gold": "gpu-ce-gold",
+}
+
+#: Presets run again under another seed as `<preset>-seed<S>`: one recovery run is one draw of the LoRA adapters'
+#: initialisation, every round's random streams, the calibration sample and the order of the recovery data, and a
+#: gap between two methods can be that draw's. The questions answered stay the same, so seeds pair per question.
+SEEDED: tuple[str, ...] = ("cpu-uniform-L640", "cpu-global-mlp-L640")
+SEEDS: tuple[int, ...] = (1,)
+SEED_SUFFIX = "-seed"
+PRESETS |= {
+    f"{p}{SEED_SUFFIX}{s}": [*PRESETS[p], f"--seed_everything={s}", f"--pruning.seed={s}", f"--data.seed={s}"]
+    for p in SEEDED for s in SEEDS
+}
+REFERENCES |= {f"{p}{SEED_SUFFIX}{s}": f"{REFERENCES[p]}{SEED_SUFFIX}{s}" for p in SEEDED if p in REFERENCES for s in SEEDS}
+
+
+def preset_seed(preset: str) -> tuple[str, int]:
+    """The preset a seeded preset repeats, and its seed: `cpu-uniform-L640-seed1` -> (`cpu-uniform-L640`, 1)."""
+    base, suffix, seed = preset.rpartition(SEED_SUFFIX)
+    return (base, int(seed)) if suffix and seed.isdigit() else (preset, 0)
 
 
 def row_id(method: str, preset: str) -> str:

@@ -13,7 +13,7 @@ import random
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import matplotlib
 
@@ -26,7 +26,7 @@ from rku_lightning.training.reporting import markdown_table  # noqa: E402
 from .answers import AnswerSet, answer_sets  # noqa: E402
 from .common import RESULTS, ROOT, load_rows  # noqa: E402
 from .oneshot import ATTENTION_SUFFIXES, Settings  # noqa: E402
-from .recover import BASELINES, REFERENCES  # noqa: E402
+from .recover import BASELINES, REFERENCES, preset_seed  # noqa: E402
 
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 BOOTSTRAP = 2000
@@ -550,16 +550,22 @@ def _pooled_comparisons(
     for comparison, by_question in sorted(pooled.items()):
         if len(rows_of[comparison]) < 2:
             continue
-        gaps = [sum(v) for v in by_question.values()]
-        low, high = _bootstrap(len(gaps), lambda idx: sum(gaps[i] for i in idx))
         model, tokens, label, against = comparison
-        lines.append(f"| {model} | {tokens} | {label} | {against} | {', '.join(rows_of[comparison])} | {len(gaps)} "
-                     f"| {sum(gaps):+d} [{low:+.0f}, {high:+.0f}] |")
+        lines.append(f"| {model} | {tokens} | {label} | {against} | {', '.join(rows_of[comparison])} | {len(by_question)} "
+                     f"| {_summed_gap(by_question)} |")
     if not lines:
         return []
     return [f"{intro} (questions resampled with all their rows' gaps):", "",
             "| model | answer cap | calibration | against | rows | questions | solved − against |",
             "|---|---|---|---|---|---|---|", *lines, ""]
+
+
+def _summed_gap(by_question: dict[Any, list[int]]) -> str:
+    """The gaps of several rows summed, with the interval from resampling questions, each carrying all its rows' gaps
+    (the rows answered the same questions, so one question's gaps are not independent): `+5 [-1, +11]`."""
+    gaps = [sum(v) for v in by_question.values()]
+    low, high = _bootstrap(len(gaps), lambda idx: sum(gaps[i] for i in idx))
+    return f"{sum(gaps):+d} [{low:+.0f}, {high:+.0f}]"
 
 
 def _question_gap(mine: list[bool], theirs: list[bool]) -> str:
@@ -971,6 +977,35 @@ def questions_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def recover_seeds_section(rows: list[dict]) -> list[str]:
+    """The pairs of `questions_section` measured under several seeds (`recover.SEEDED`), summed over the seeds: one
+    recovery run is one draw of adapters, calibration sample and data order, so a gap is read from all the draws."""
+    pooled: dict[tuple, dict[tuple[str, int], list[int]]] = defaultdict(lambda: defaultdict(list))
+    solved: dict[tuple, list[str]] = defaultdict(list)
+    tasks = ("gsm8k", "ood")
+    for r in rows:
+        for other in (o for o in _paired_runs(rows, r) if _same_questions(r, o)):
+            (preset, seed), (other_preset, _) = preset_seed(r["preset"]), preset_seed(other["preset"])
+            comparison = (_pair_label(dict(r, preset=preset), dict(other, preset=other_preset)), len(r["gsm8k"]["correct"]))
+            solved[comparison].append(f"{seed}: " + ", ".join(f"{sum(r[t]['correct'])} vs {sum(other[t]['correct'])}" for t in tasks))
+            for task in tasks:
+                for i, mine, theirs in zip(r[task]["indices"], r[task]["correct"], other[task]["correct"]):
+                    pooled[comparison][(task, i)].append(int(mine) - int(theirs))
+    lines = []
+    for comparison in (c for c in pooled if len(solved[c]) > 1):
+        by_task = [{k: v for k, v in pooled[comparison].items() if k[0] == task} for task in tasks]
+        lines.append(f"| {comparison[0]} | {comparison[1]} | {'; '.join(sorted(solved[comparison]))} | "
+                     + " | ".join(_summed_gap(gaps) for gaps in [*by_task, pooled[comparison]]) + " |")
+    if not lines:
+        return []
+    return ["## Prune-and-recover over seeds", "",
+            "The pairs above that were run under more than one seed (`<preset>-seed<S>`, `benchmarks.recover.SEEDED`: the "
+            "adapters' initialisation, the calibration sample and the recovery data's order change, the questions do "
+            "not), summed over the seeds; questions resampled with all their seeds' gaps. *per seed*: solved GSM8K vs "
+            "solved, OOD vs solved.", "",
+            "| pair | questions per task | per seed | GSM8K | OOD | both |", "|---|---|---|---|---|---|", *lines, ""]
+
+
 def _steps_right(answers: AnswerSet) -> str:
     """Share of the written steps computed right, resampling whole answers (an answer's steps are not independent)."""
     total = sum(answers.steps)
@@ -1034,6 +1069,7 @@ def render() -> Path:
         lines += cap_section(capped)
     if more := [row for folder in sorted(RESULTS.glob("recover_q*")) for row in load_rows(folder.name)]:
         lines += questions_section(more, rows)
+        lines += recover_seeds_section(more)
     if efficiency := load_rows("efficiency"):
         lines += efficiency_section(efficiency)
     if llama_cpp := load_rows("llama_cpp"):

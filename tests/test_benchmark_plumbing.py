@@ -12,6 +12,7 @@ import pytest
 import benchmarks.answers as answers_module
 import benchmarks.common as common
 import benchmarks.oneshot as oneshot
+import benchmarks.recover as recover
 import benchmarks.render as render
 from benchmarks.oneshot import Row, Settings, grid, run_row
 from benchmarks.render import bootstrap_interval, nll_interval, paired_gap, paired_nll_gap
@@ -132,7 +133,6 @@ def test_nll_intervals_resample_questions_and_pair_them():
 def test_recover_row_runs_train_py_and_renders_every_round(bench_env, monkeypatch):
     from test_train_cli import write_config
 
-    import benchmarks.recover as recover
 
     monkeypatch.setattr(recover, "CONFIG", str(write_config(bench_env)))
     monkeypatch.setattr(recover, "WORK", bench_env / "work")
@@ -165,7 +165,6 @@ def test_recover_row_resumes_an_interrupted_run(bench_env, monkeypatch):
 
     from test_train_cli import write_config
 
-    import benchmarks.recover as recover
 
     monkeypatch.setattr(recover, "CONFIG", str(write_config(bench_env)))
     monkeypatch.setattr(recover, "WORK", bench_env / "work")
@@ -190,7 +189,6 @@ def test_recover_row_resumes_an_interrupted_run(bench_env, monkeypatch):
 
 
 def test_recover_keeps_every_rounds_answers_beside_the_row(bench_env, monkeypatch):
-    import benchmarks.recover as recover
 
     monkeypatch.setattr(recover, "WORK", bench_env / "work")
     assert recover.keep_generations("rku", "cpu") is None  # a run without generation keeps nothing
@@ -250,6 +248,49 @@ def test_a_preset_that_changes_only_what_is_pruned_is_paired_with_every_run_of_i
     assert render._rku_run(rows, rows[2]) is rows[0] and render._rku_run(rows, rows[0]) is None
     own = row("rku", "g", [0, 0, 0, 0], [0, 0])  # an RKU run of its own preset comes first, wherever it is listed
     assert render._rku_run([*rows, own], rows[2]) is own
+
+
+def test_a_seeded_preset_repeats_its_preset_under_another_seed_and_its_pairs_are_summed_over_seeds(monkeypatch):
+    """Seed 1 of the global MLP-only gold-CE run pairs with seed 1 of the uniform runs; both seeds' gaps sum per question."""
+    seeded = recover.PRESETS["cpu-global-mlp-L640-seed1"]
+    assert seeded[: len(recover.PRESETS["cpu-global-mlp-L640"])] == recover.PRESETS["cpu-global-mlp-L640"]
+    assert {"--seed_everything=1", "--pruning.seed=1", "--data.seed=1"} <= set(seeded)
+    assert recover.REFERENCES["cpu-global-mlp-L640-seed1"] == "cpu-uniform-L640-seed1"
+    assert recover.preset_seed("cpu-uniform-L640-seed1") == ("cpu-uniform-L640", 1)
+    assert recover.preset_seed("cpu-uniform-L640") == ("cpu-uniform-L640", 0)
+    monkeypatch.setattr(render, "REFERENCES", {"g": "u", "g-seed1": "u-seed1"})
+
+    def row(method: str, preset: str, gsm8k: list[int], ood: list[int]) -> dict:
+        tasks = {t: {"correct": [bool(x) for x in c], "indices": list(range(len(c)))} for t, c in (("gsm8k", gsm8k), ("ood", ood))}
+        return {"row_id": f"{method}-{preset}", "method": method, "preset": preset, "cap": 256, **tasks}
+
+    seed0 = [row("kinetic", "g", [1, 1, 0, 0], [1, 0]), row("flap", "u", [1, 0, 0, 0], [1, 1])]
+    seed1 = [row("kinetic", "g-seed1", [1, 1, 1, 0], [0, 0]), row("flap", "u-seed1", [0, 0, 0, 0], [1, 0])]
+    assert render.recover_seeds_section(seed0) == []  # one seed: nothing to sum
+    lines = render.recover_seeds_section([*seed0, *seed1, row("rku", "u", [1, 1, 1, 1], [1, 1])])
+    (line,) = [x for x in lines if x.startswith("| kinetic")]  # rku − flap and kinetic − rku: seed 0 only
+    cells = line.split(" | ")
+    assert cells[0] == "| kinetic (`g`) − flap (`u`)" and cells[1] == "4"
+    assert cells[2] == "0: 2 vs 1, 1 vs 2; 1: 3 vs 0, 0 vs 1"
+    assert cells[3].startswith("+4 [") and cells[4].startswith("-2 [") and cells[5].startswith("+2 [")
+
+
+def test_the_gpu_script_names_only_presets_and_methods_that_exist():
+    """The GPU script cannot be tried on this machine and its device time is scarce: a misspelt preset or method
+    (which `--methods` of the one-shot stage would select nothing for) must fail here, not there."""
+    from rku_lightning.pruning.importance import IMPORTANCES
+
+    script = (common.ROOT / "benchmarks" / "gpu_reasoning.sh").read_text()
+    (recovered,) = re.findall(r'^RECOVERED="([^"]+)"', script, re.M)
+    rows = [tuple(row.split(":")) for row in recovered.split()]
+    presets = {preset for _, preset in rows} | set(re.findall(r"--preset (gpu-[\w-]+)", script))
+    assert {"gpu-global-mlp-ce-gold", "gpu-global-mlp-kd-self", "gpu-ce-gold-30"} <= presets <= set(recover.PRESETS)
+    assert {method for method, _ in rows} <= set(IMPORTANCES)
+    oneshot_runs = re.findall(r"oneshot \$ONESHOT --allocations (\w+) --methods ([\w ]+?) --calib-source", script)
+    assert len(oneshot_runs) == 2
+    for allocation, methods in oneshot_runs:
+        offered = {row.method for row in grid(["qwen0.5b"], [0.4], [allocation])}
+        assert set(methods.split()) <= offered, (allocation, methods)
 
 
 def test_a_row_counts_as_done_only_when_measured_with_the_same_settings(bench_env):
