@@ -996,14 +996,27 @@ def recover_seeds_section(rows: list[dict]) -> list[str]:
         by_task = [{k: v for k, v in pooled[comparison].items() if k[0] == task} for task in tasks]
         lines.append(f"| {comparison[0]} | {comparison[1]} | {'; '.join(sorted(solved[comparison]))} | "
                      + " | ".join(_summed_gap(gaps) for gaps in [*by_task, pooled[comparison]]) + " |")
-    if not lines:
+    # The same method and preset under two seeds: how far one run's draw alone moves the answers.
+    drift = [
+        f"| {r['method']} (`{base}`) | seed {seed} − seed 0 | "
+        + " | ".join(_count_gap(r[t]["correct"], first[t]["correct"]) for t in tasks)
+        + f" | {_count_gap(r['gsm8k']['correct'] + r['ood']['correct'], first['gsm8k']['correct'] + first['ood']['correct'])} |"
+        for r in rows for base, seed in [preset_seed(r["preset"])] if seed
+        for first in rows if first["preset"] == base and first["method"] == r["method"] and _same_questions(r, first)
+    ]
+    if not lines and not drift:
         return []
-    return ["## Prune-and-recover over seeds", "",
-            "The pairs above that were run under more than one seed (`<preset>-seed<S>`, `benchmarks.recover.SEEDED`: the "
-            "adapters' initialisation, the calibration sample and the recovery data's order change, the questions do "
-            "not), summed over the seeds; questions resampled with all their seeds' gaps. *per seed*: solved GSM8K vs "
-            "solved, OOD vs solved.", "",
-            "| pair | questions per task | per seed | GSM8K | OOD | both |", "|---|---|---|---|---|---|", *lines, ""]
+    out = ["## Prune-and-recover over seeds", "",
+           "Runs repeated under another seed (`<preset>-seed<S>`, `benchmarks.recover.SEEDED`: the adapters' "
+           "initialisation, the calibration sample and the recovery data's order change, the questions do not).", ""]
+    if lines:
+        out += ["The pairs above measured under more than one seed, summed over the seeds; questions resampled with all "
+                "their seeds' gaps. *per seed*: solved GSM8K vs solved, OOD vs solved.", "",
+                "| pair | questions per task | per seed | GSM8K | OOD | both |", "|---|---|---|---|---|---|", *lines, ""]
+    if drift:
+        out += ["The same method and preset under two seeds (a gap between methods smaller than these is within one "
+                "run's draw):", "", "| run | seeds | GSM8K | OOD | both |", "|---|---|---|---|---|", *drift, ""]
+    return out
 
 
 def _steps_right(answers: AnswerSet) -> str:

@@ -268,11 +268,14 @@ def test_a_seeded_preset_repeats_its_preset_under_another_seed_and_its_pairs_are
     seed1 = [row("kinetic", "g-seed1", [1, 1, 1, 0], [0, 0]), row("flap", "u-seed1", [0, 0, 0, 0], [1, 0])]
     assert render.recover_seeds_section(seed0) == []  # one seed: nothing to sum
     lines = render.recover_seeds_section([*seed0, *seed1, row("rku", "u", [1, 1, 1, 1], [1, 1])])
-    (line,) = [x for x in lines if x.startswith("| kinetic")]  # rku − flap and kinetic − rku: seed 0 only
+    (line,) = [x for x in lines if x.startswith("| kinetic (`g`) − ")]  # rku − flap and kinetic − rku: seed 0 only
     cells = line.split(" | ")
     assert cells[0] == "| kinetic (`g`) − flap (`u`)" and cells[1] == "4"
     assert cells[2] == "0: 2 vs 1, 1 vs 2; 1: 3 vs 0, 0 vs 1"
     assert cells[3].startswith("+4 [") and cells[4].startswith("-2 [") and cells[5].startswith("+2 [")
+    drift = {x.split(" | ")[0]: x.split(" | ")[2:] for x in lines if "seed 1 − seed 0" in x}
+    assert set(drift) == {"| kinetic (`g`)", "| flap (`u`)"}  # rku ran under one seed only
+    assert drift["| kinetic (`g`)"][0].startswith("3 vs 2 of 4: +1 [") and drift["| flap (`u`)"][2].startswith("1 vs 3 of 6: -2 [")
 
 
 def test_the_gpu_script_names_only_presets_and_methods_that_exist():
