@@ -926,11 +926,16 @@ def _resolving_table(pairs: list[tuple[str, dict, dict]]) -> list[str]:
              "gap per question and its spread stayed as measured here (normal approximation, both tasks together):", "",
              "| comparison | questions | gap | answers that differ | questions needed |", "|---|---|---|---|---|"]
     for label, r, b in pairs:
-        mine, theirs = r["gsm8k"]["correct"] + r["ood"]["correct"], b["gsm8k"]["correct"] + b["ood"]["correct"]
+        mine, theirs = _both(r), _both(b)
         needed = questions_needed(mine, theirs)
         lines.append(f"| {label} | {len(mine)} | {sum(mine) - sum(theirs):+d} | {sum(x != y for x, y in zip(mine, theirs))} "
                      f"| {'—' if needed is None else f'{needed:,}'} |")
     return lines
+
+
+def _both(row: dict) -> list[bool]:
+    """A `recover_answers` row's per-question results on GSM8K then OOD: both tasks as one paired sample."""
+    return row["gsm8k"]["correct"] + row["ood"]["correct"]
 
 
 def _same_questions(a: dict, b: dict) -> bool:
@@ -971,7 +976,7 @@ def questions_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
         lines += ["", "| pair | GSM8K | OOD | both |", "|---|---|---|---|"]
         for label, r, b in compared:
             cells = [_count_gap(r[t]["correct"], b[t]["correct"]) for t in ("gsm8k", "ood")]
-            cells.append(_count_gap(r["gsm8k"]["correct"] + r["ood"]["correct"], b["gsm8k"]["correct"] + b["ood"]["correct"]))
+            cells.append(_count_gap(_both(r), _both(b)))
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines += _resolving_table(compared)
     return lines + [""]
@@ -1000,7 +1005,7 @@ def recover_seeds_section(rows: list[dict]) -> list[str]:
     drift = [
         f"| {r['method']} (`{base}`) | seed {seed} − seed 0 | "
         + " | ".join(_count_gap(r[t]["correct"], first[t]["correct"]) for t in tasks)
-        + f" | {_count_gap(r['gsm8k']['correct'] + r['ood']['correct'], first['gsm8k']['correct'] + first['ood']['correct'])} |"
+        + f" | {_count_gap(_both(r), _both(first))} |"
         for r in rows for base, seed in [preset_seed(r["preset"])] if seed
         for first in rows if first["preset"] == base and first["method"] == r["method"] and _same_questions(r, first)
     ]

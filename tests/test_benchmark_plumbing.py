@@ -133,7 +133,6 @@ def test_nll_intervals_resample_questions_and_pair_them():
 def test_recover_row_runs_train_py_and_renders_every_round(bench_env, monkeypatch):
     from test_train_cli import write_config
 
-
     monkeypatch.setattr(recover, "CONFIG", str(write_config(bench_env)))
     monkeypatch.setattr(recover, "WORK", bench_env / "work")
     monkeypatch.setitem(recover.PRESETS, "tiny", ["--model.generate=false", "--pruning.rounds=1"])
@@ -165,7 +164,6 @@ def test_recover_row_resumes_an_interrupted_run(bench_env, monkeypatch):
 
     from test_train_cli import write_config
 
-
     monkeypatch.setattr(recover, "CONFIG", str(write_config(bench_env)))
     monkeypatch.setattr(recover, "WORK", bench_env / "work")
     monkeypatch.setitem(recover.PRESETS, "tiny", ["--model.generate=false", "--pruning.rounds=2"])
@@ -189,7 +187,6 @@ def test_recover_row_resumes_an_interrupted_run(bench_env, monkeypatch):
 
 
 def test_recover_keeps_every_rounds_answers_beside_the_row(bench_env, monkeypatch):
-
     monkeypatch.setattr(recover, "WORK", bench_env / "work")
     assert recover.keep_generations("rku", "cpu") is None  # a run without generation keeps nothing
     folder = recover.run_dir("rku", "cpu") / "generations"
