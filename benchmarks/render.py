@@ -769,10 +769,16 @@ def _answers(row: dict) -> dict[tuple[int, str], dict[int, bool]]:
     return found
 
 
+#: The methods a run is paired with in its own preset: the product, then the best baseline the reasoning issue's goal
+#: is set against; a run pairs with those listed before its own method, so no pair is shown twice.
+PAIRED_WITH = ("rku", "flap")
+
+
 def _paired_runs(rows: list[dict], row: dict) -> list[dict]:
-    """The runs among `rows` that `row` is paired with by method: its preset's RKU run (none for RKU's own run), and every
-    run of its reference preset (`benchmarks.recover.REFERENCES`) where it changes only what is pruned."""
-    return [x for x in rows if x is not row and (x["preset"] == row["preset"] and x["method"] == "rku"
+    """The runs among `rows` that `row` is paired with by method: its preset's runs of `PAIRED_WITH`, and every run of
+    its reference preset (`benchmarks.recover.REFERENCES`) where it changes only what is pruned."""
+    own = PAIRED_WITH[: PAIRED_WITH.index(row["method"])] if row["method"] in PAIRED_WITH else PAIRED_WITH
+    return [x for x in rows if x is not row and (x["preset"] == row["preset"] and x["method"] in own
                                                   or x["preset"] == REFERENCES.get(row["preset"]))]
 
 

@@ -245,6 +245,11 @@ def test_a_preset_that_changes_only_what_is_pruned_is_paired_with_every_run_of_i
     assert render._rku_run(rows, rows[2]) is rows[0] and render._rku_run(rows, rows[0]) is None
     own = row("rku", "g", [0, 0, 0, 0], [0, 0])  # an RKU run of its own preset comes first, wherever it is listed
     assert render._rku_run([*rows, own], rows[2]) is own
+    # Within one preset each run pairs with its RKU and FLAP runs, and each pair is shown once.
+    flap = row("flap", "g", [0, 1, 0, 0], [1, 0])
+    lines = render.questions_section([*rows, own, flap], oneshot=[])
+    within = {line.split(" | ")[0].removeprefix("| ") for line in lines if " vs " in line and "(`g`)" in line and "`u`" not in line}
+    assert within == {"kinetic − rku (`g`)", "kinetic − flap (`g`)", "flap − rku (`g`)"}
 
 
 def test_a_seeded_preset_repeats_its_preset_under_another_seed_and_its_pairs_are_summed_over_seeds(monkeypatch):
