@@ -750,6 +750,45 @@ def recover_section(rows: list[dict], plot_path: Path) -> list[str]:
     return lines + [f"![Validation metrics per round](results/{plot_path.name})", ""]
 
 
+def recover_layer_profiles(rows: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """Share of MLP channels each run's final model keeps per layer, by preset then method, for the runs that keep
+    different shares in different layers (a uniform run's line is flat): where a score spends a global budget."""
+    profiles: dict[str, dict[str, list[float]]] = defaultdict(dict)
+    for r in rows:
+        kept = [x["mlp_channels"] / x["mlp_channels_total"] for x in r["report"]["rounds"][-1].get("layers", [])]
+        if len(set(kept)) > 1:
+            profiles[r["preset"]][r["method"]] = kept
+    return dict(profiles)
+
+
+def recover_layers_section(rows: list[dict], path: Path) -> list[str]:
+    """One panel per preset of `recover_layer_profiles`, one line per method in the same colour in every panel."""
+    profiles = recover_layer_profiles(rows)
+    if not profiles:
+        return []
+    columns = min(3, len(profiles))
+    grid_rows = math.ceil(len(profiles) / columns)
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(5.5 * columns, 3.8 * grid_rows), squeeze=False)
+    colours = {m: f"C{i}" for i, m in enumerate(sorted({m for runs in profiles.values() for m in runs}))}
+    for ax, (preset, runs) in zip(axes.flat, profiles.items()):
+        for method, kept in runs.items():
+            ax.plot(range(len(kept)), kept, marker="o", markersize=3, label=method, color=colours[method])
+        ax.set_title(preset, fontsize=10)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("MLP channels kept")
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in axes.flat[len(profiles):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return ["MLP channels each recovered model keeps per layer, for the presets whose allocation is not uniform "
+            "(the final round of each run; read from its report):", "",
+            f"![MLP channels kept per layer after recovery](results/{path.name})", ""]
+
+
 def _recover_time(row: dict) -> str:
     device = row.get("environment", {}).get("device", "cpu")
     threads = f"threads: {row['threads']}" + ("" if device == "cpu" else f", on one {device}")
@@ -1089,6 +1128,7 @@ def render() -> Path:
         lines += peer_section(peer, rows)
     if recover := load_rows("recover"):
         lines += recover_section(recover, RESULTS / "recover_rounds.png")
+        lines += recover_layers_section(recover, RESULTS / "recover_layers.png")
     if capped := [row for folder in sorted(RESULTS.glob("recover_t*")) for row in load_rows(folder.name)]:
         lines += cap_section(capped)
     if more := [row for folder in sorted(RESULTS.glob("recover_q*")) for row in load_rows(folder.name)]:

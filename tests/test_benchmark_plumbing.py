@@ -226,6 +226,18 @@ def test_recover_accuracy_is_paired_per_question_within_a_preset_and_with_its_ba
     assert not any(line.startswith("| none |") for line in table)  # a run without kept answers
 
 
+def test_recovered_layer_widths_are_drawn_only_for_presets_that_do_not_keep_every_layer_alike(tmp_path):
+    def row(method: str, preset: str, kept: list[int]) -> dict:
+        layers = [{"layer": i, "mlp_channels": k, "mlp_channels_total": 8} for i, k in enumerate(kept)]
+        return {"method": method, "preset": preset, "report": {"rounds": [{"layers": []}, {"layers": layers}]}}
+
+    rows = [row("rku", "g", [8, 4, 2]), row("flap", "g", [2, 4, 8]), row("rku", "u", [4, 4, 4])]
+    assert render.recover_layer_profiles(rows) == {"g": {"rku": [1.0, 0.5, 0.25], "flap": [0.25, 0.5, 1.0]}}
+    lines = render.recover_layers_section(rows, tmp_path / "layers.png")
+    assert (tmp_path / "layers.png").stat().st_size > 0 and "(results/layers.png)" in lines[2]
+    assert render.recover_layers_section(rows[2:], tmp_path / "none.png") == [] and not (tmp_path / "none.png").exists()
+
+
 def test_a_preset_that_changes_only_what_is_pruned_is_paired_with_every_run_of_its_reference(monkeypatch):
     """The global MLP-only KD run against the uniform KD runs of RKU and FLAP, on the same questions only."""
     monkeypatch.setattr(render, "REFERENCES", {"g": "u"})
