@@ -2,7 +2,8 @@
 # The reasoning issue's measurement set on one H200-class GPU, in one command (budget ~10 minutes):
 #   one-shot rku / kinetic / flap at 20-40 %, uniform and global MLP-only, calibrated on gold vs the dense model's
 #   own traces, 100 GSM8K + 100 SVAMP questions with KL to dense; then prune-and-recover to 40 % with
-#   {ce on gold, kd on self traces} x {uniform rku, uniform flap, global MLP-only kinetic (the CPU rows' pick)} and the
+#   {ce on gold, kd on self traces} x {uniform rku, uniform flap, global MLP-only kinetic (the CPU rows' pick)}, global
+#   MLP-only rku with ce (on CPU the normalisation cost it +13 [+1, +25] of 256 against kinetic) and the
 #   recovery-only control, then the uniform four to 30 %. Every row saves as it finishes and a rerun skips finished
 #   rows, so an interrupted run loses only the rows in flight.
 # Answers may run to 512 new tokens and calibration / training windows hold 640 tokens: a 256-token window
@@ -19,7 +20,7 @@ for source in gold self; do
   python -m benchmarks.run oneshot $ONESHOT --allocations global --methods rku_mlp kinetic_mlp flap_mlp --calib-source "$source" &
 done
 wait
-RECOVERED="rku:gpu-ce-gold flap:gpu-ce-gold kinetic:gpu-global-mlp-ce-gold rku:gpu-kd-self flap:gpu-kd-self kinetic:gpu-global-mlp-kd-self"
+RECOVERED="rku:gpu-ce-gold flap:gpu-ce-gold kinetic:gpu-global-mlp-ce-gold rku:gpu-global-mlp-ce-gold rku:gpu-kd-self flap:gpu-kd-self kinetic:gpu-global-mlp-kd-self"
 for row in $RECOVERED; do
   python -m benchmarks.run recover --methods "${row%%:*}" --preset "${row#*:}" --threads 2 &
 done
@@ -30,7 +31,7 @@ for method in rku flap; do  # the same to 30 %, once the 40 % rows are saved
   python -m benchmarks.run recover --methods "$method" --preset gpu-kd-self-30 --threads 2 &
 done
 wait
-# Last, the six 40 % models on 500 + 500 questions: at the gaps measured on CPU (KD - CE, RKU - FLAP: 2-4 of
+# Last, the seven 40 % models on 500 + 500 questions: at the gaps measured on CPU (KD - CE, RKU - FLAP: 2-4 of
 # 128 questions), 100 + 100 cannot resolve them (README, "What 64 questions can resolve"). About 5 min per model,
 # estimated from the 40-55 s that 100 + 100 answers took per round in the `full` rows; rows save as they finish.
 for row in $RECOVERED; do
