@@ -332,6 +332,11 @@ def plot_sparsity_curves(rows: list[dict], model: str, path: Path) -> Path | Non
     return path
 
 
+def _mlp_kept(layers: list[dict]) -> list[float]:
+    """Share of MLP channels a model keeps in each layer, from a report's per-layer counts."""
+    return [x["mlp_channels"] / x["mlp_channels_total"] for x in layers]
+
+
 def plot_layer_profile(rows: list[dict], path: Path, methods: tuple[str, ...] = ("rku", "magnitude")) -> Path | None:
     chosen = [
         r for r in rows
@@ -346,7 +351,7 @@ def plot_layer_profile(rows: list[dict], path: Path, methods: tuple[str, ...] = 
         layers = r["report"]["layers"]
         xs = [layer["layer"] for layer in layers]
         label = f"{method_name(r)} ({r['row']['model']})"
-        axes[0].plot(xs, [x["mlp_channels"] / x["mlp_channels_total"] for x in layers], marker="o", label=label)
+        axes[0].plot(xs, _mlp_kept(layers), marker="o", label=label)
         axes[1].plot(xs, [x["kv_groups"] / x["kv_groups_total"] for x in layers], marker="s", label=label)
     axes[0].set_title(f"MLP channels kept per layer ({top:.0%} global)")
     axes[1].set_title(f"attention groups kept per layer ({top:.0%} global)")
@@ -755,7 +760,7 @@ def recover_layer_profiles(rows: list[dict]) -> dict[str, dict[str, list[float]]
     different shares in different layers (a uniform run's line is flat): where a score spends a global budget."""
     profiles: dict[str, dict[str, list[float]]] = defaultdict(dict)
     for r in rows:
-        kept = [x["mlp_channels"] / x["mlp_channels_total"] for x in r["report"]["rounds"][-1].get("layers", [])]
+        kept = _mlp_kept(r["report"]["rounds"][-1].get("layers", []))
         if len(set(kept)) > 1:
             profiles[r["preset"]][r["method"]] = kept
     return dict(profiles)
