@@ -138,6 +138,10 @@ REFERENCES: dict[str, str] = {
     "gpu-global-mlp-ce-gold": "gpu-ce-gold",
 }
 
+#: How many of each set's first test questions the one-shot rows that chose the non-uniform allocation answered
+#: (`oneshot_q64_L640*/`): a recovered model's gap on the questions after them is one no choice was fitted to.
+PICKED_ON = 64
+
 #: Presets run again under another seed as `<preset>-seed<S>`: one recovery run is one draw of the LoRA adapters'
 #: initialisation, every round's random streams, the calibration sample and the order of the recovery data, and a
 #: gap between two methods can be that draw's. The questions answered stay the same, so seeds pair per question.

@@ -287,6 +287,10 @@ def test_a_seeded_preset_repeats_its_preset_under_another_seed_and_its_pairs_are
     assert cells[0] == "| kinetic (`g`) − flap (`u`)" and cells[1] == "4"
     assert cells[2] == "0: 2 vs 1, 1 vs 2; 1: 3 vs 0, 0 vs 1"
     assert cells[3].startswith("+4 [") and cells[4].startswith("-2 [") and cells[5].startswith("+2 [")
+    assert cells[6:] == ["—", "— |"]  # no question after the first PICKED_ON (64)
+    monkeypatch.setattr(render, "PICKED_ON", 2)  # questions 2 and 3 of GSM8K: seed 0 gaps 0, 0; seed 1 gaps +1, 0
+    (line,) = [x for x in render.recover_seeds_section([*seed0, *seed1]) if x.startswith("| kinetic (`g`) − ")]
+    assert [c.split(" [")[0] for c in line.split(" | ")[6:]] == ["+1", "+1"]  # OOD has no question from 2 on
     drift = {x.split(" | ")[0]: x.split(" | ")[2:] for x in lines if "seed 1 − seed 0" in x}
     assert set(drift) == {"| kinetic (`g`)", "| flap (`u`)"}  # rku ran under one seed only
     assert drift["| kinetic (`g`)"][0].startswith("3 vs 2 of 4: +1 [") and drift["| flap (`u`)"][2].startswith("1 vs 3 of 6: -2 [")
