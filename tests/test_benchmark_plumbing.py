@@ -254,6 +254,10 @@ def test_a_preset_that_changes_only_what_is_pruned_is_paired_with_every_run_of_i
     assert set(pairs) == {"kinetic (`g`) − rku (`u`)", "kinetic (`g`) − flap (`u`)", "flap − rku (`u`)"}
     assert pairs["kinetic (`g`) − rku (`u`)"][0].startswith("3 vs 1 of 4: +2 [")
     assert pairs["kinetic (`g`) − flap (`u`)"][2].startswith("5 vs 2 of 6: +3 [")  # both tasks together
+    assert pairs["kinetic (`g`) − flap (`u`)"][3] == "— |"  # no question after the first PICKED_ON (64)
+    monkeypatch.setattr(render, "PICKED_ON", 2)  # GSM8K questions 2 and 3: kinetic 1 and 0, FLAP 0 and 0
+    fresh = {x.split(" | ")[0]: x.split(" | ")[4] for x in render.questions_section(rows, oneshot=[]) if " vs " in x}
+    assert fresh["| kinetic (`g`) − flap (`u`)"].startswith("1 vs 0 of 2: +1 [")
     assert render._rku_run(rows, rows[2]) is rows[0] and render._rku_run(rows, rows[0]) is None
     own = row("rku", "g", [0, 0, 0, 0], [0, 0])  # an RKU run of its own preset comes first, wherever it is listed
     assert render._rku_run([*rows, own], rows[2]) is own
