@@ -69,7 +69,8 @@ def test_a_rebuilt_model_finishes_the_cut_answers_and_renders(bench_env, monkeyp
     line = next(x for x in questions.splitlines() if x.startswith("| qwen0.5b-magnitude-tiny |"))
     assert f"| {sum(more['gsm8k']['correct'])}/4 [" in line and line.endswith(f"| {more['gsm8k']['controls_unchanged'] + more['ood']['controls_unchanged']} of {more['gsm8k']['controls'] + more['ood']['controls']} |")
     pair = next(line for line in questions.splitlines() if line.startswith("| `tiny-kd` − `tiny` (magnitude) |"))
-    assert pair.count("of 4: +0 [+0, +0]") == 2 and pair.endswith("of 8: +0 [+0, +0] |")  # per task, then both
+    # per task, then both, then GSM8K after the first PICKED_ON questions (none of 4)
+    assert pair.count("of 4: +0 [+0, +0]") == 2 and pair.endswith("of 8: +0 [+0, +0] | — |")
     solved = sum(more["gsm8k"]["correct"] + more["ood"]["correct"])
     pair = next(line for line in questions.splitlines() if line.startswith("| magnitude − rku (`tiny`) |"))
     assert f"| {solved} vs {8 - solved} of 8: {2 * solved - 8:+d} [" in pair  # both tasks: every answer paired with its flip
