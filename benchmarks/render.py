@@ -30,6 +30,9 @@ from .recover import BASELINES, PICKED_ON, REFERENCES, preset_seed  # noqa: E402
 
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 BOOTSTRAP = 2000
+#: What the "from question PICKED_ON on" columns of the recovered-answers tables hold, and why.
+UNFITTED = (f"*from question {PICKED_ON} on*: each set's questions after its first {PICKED_ON}, which the one-shot rows "
+            "that chose the global MLP-only allocation did not answer.")
 
 
 def _bootstrap(n: int, statistic: Callable[[list[int]], float], seed: int = 0) -> tuple[float, float]:
@@ -580,6 +583,11 @@ def _question_gap(mine: list[bool], theirs: list[bool]) -> str:
     return f"{mean * n:+.0f} [{low * n:+.0f}, {high * n:+.0f}]"
 
 
+def _unfitted(result: dict) -> list[bool]:
+    """A task's per-question results on the questions no allocation was chosen on (`UNFITTED`)."""
+    return [c for i, c in zip(result["indices"], result["correct"]) if i >= PICKED_ON]
+
+
 def _count_gap(mine: list[bool], theirs: list[bool]) -> str:
     """`a vs b of n: gap [low, high]`."""
     return f"{sum(mine)} vs {sum(theirs)} of {len(mine)}: {_question_gap(mine, theirs)}"
@@ -1023,14 +1031,13 @@ def questions_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
         compared += [(_pair_label(r, other), r, other) for other in _paired_runs(rows, r) if _same_questions(r, other)]
     compared += [(f"`{r['preset']}` − `{b['preset']}` ({r['method']})", r, b) for r, b in _baseline_pairs(rows, _same_questions)]
     if compared:
-        lines += ["", f"*GSM8K, from question {PICKED_ON} on*: the questions after the first {PICKED_ON}, which the one-shot "
-                  "rows that chose the global MLP-only allocation did not answer.", "",
+        lines += ["", UNFITTED, "",
                   f"| pair | GSM8K | OOD | both | GSM8K, from question {PICKED_ON} on |", "|---|---|---|---|---|"]
         for label, r, b in compared:
             cells = [_count_gap(r[t]["correct"], b[t]["correct"]) for t in ("gsm8k", "ood")]
             cells.append(_count_gap(_both(r), _both(b)))
-            fresh = [(x, y) for i, x, y in zip(r["gsm8k"]["indices"], r["gsm8k"]["correct"], b["gsm8k"]["correct"]) if i >= PICKED_ON]
-            cells.append(_count_gap(*map(list, zip(*fresh))) if fresh else "—")
+            mine, theirs = _unfitted(r["gsm8k"]), _unfitted(b["gsm8k"])
+            cells.append(_count_gap(mine, theirs) if mine else "—")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines += _resolving_table(compared)
     return lines + [""]
@@ -1073,9 +1080,7 @@ def recover_seeds_section(rows: list[dict]) -> list[str]:
            "initialisation, the calibration sample and the recovery data's order change, the questions do not).", ""]
     if lines:
         out += ["The pairs above measured under more than one seed, summed over the seeds; questions resampled with all "
-                "their seeds' gaps. *per seed*: solved GSM8K vs solved, OOD vs solved. *from question "
-                f"{PICKED_ON} on*: the same sums on each set's questions after its first {PICKED_ON} (the one-shot rows "
-                f"that chose the global MLP-only allocation answered only the first {PICKED_ON}).", "",
+                f"their seeds' gaps. *per seed*: solved GSM8K vs solved, OOD vs solved. {UNFITTED}", "",
                 f"| pair | questions per task | per seed | GSM8K | OOD | both | GSM8K, from question {PICKED_ON} on | "
                 f"both, from question {PICKED_ON} on |", "|---|---|---|---|---|---|---|---|", *lines, ""]
     if drift:
