@@ -145,7 +145,7 @@ PICKED_ON = 64
 #: Presets run again under another seed as `<preset>-seed<S>`: one recovery run is one draw of the LoRA adapters'
 #: initialisation, every round's random streams, the calibration sample and the order of the recovery data, and a
 #: gap between two methods can be that draw's. The questions answered stay the same, so seeds pair per question.
-SEEDED: tuple[str, ...] = ("cpu-uniform-L640", "cpu-global-mlp-L640")
+SEEDED: tuple[str, ...] = ("cpu-uniform-L640", "cpu-global-mlp-L640", "cpu-uniform-kd-self-L640")
 SEEDS: tuple[int, ...] = (1,)
 SEED_SUFFIX = "-seed"
 PRESETS |= {
@@ -153,6 +153,10 @@ PRESETS |= {
     for p in SEEDED for s in SEEDS
 }
 REFERENCES |= {f"{p}{SEED_SUFFIX}{s}": f"{REFERENCES[p]}{SEED_SUFFIX}{s}" for p in SEEDED if p in REFERENCES for s in SEEDS}
+BASELINES |= {
+    f"{p}{SEED_SUFFIX}{s}": tuple(f"{b}{SEED_SUFFIX}{s}" for b in BASELINES[p] if b in SEEDED)
+    for p in SEEDED if p in BASELINES for s in SEEDS
+}
 
 
 def preset_seed(preset: str) -> tuple[str, int]:

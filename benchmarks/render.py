@@ -1044,13 +1044,16 @@ def questions_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
 
 
 def recover_seeds_section(rows: list[dict]) -> list[str]:
-    """The pairs of `questions_section` measured under several seeds (`recover.SEEDED`), summed over the seeds: one
-    recovery run is one draw of adapters, calibration sample and data order, so a gap is read from all the draws."""
+    """The pairs of `questions_section`, and each KD run with its gold-CE baseline's (`_baseline_pairs`), measured
+    under several seeds (`recover.SEEDED`), summed over the seeds: one recovery run is one draw of adapters,
+    calibration sample and data order, so a gap is read from all the draws."""
     pooled: dict[tuple, dict[tuple[str, int], list[int]]] = defaultdict(lambda: defaultdict(list))
     solved: dict[tuple, list[str]] = defaultdict(list)
     tasks = ("gsm8k", "ood")
+    baselines = _baseline_pairs(rows, _same_questions)
     for r in rows:
-        for other in (o for o in _paired_runs(rows, r) if _same_questions(r, o)):
+        paired = [*_paired_runs(rows, r), *(b for kd, b in baselines if kd is r)]
+        for other in (o for o in paired if _same_questions(r, o)):
             (preset, seed), (other_preset, _) = preset_seed(r["preset"]), preset_seed(other["preset"])
             comparison = (_pair_label(dict(r, preset=preset), dict(other, preset=other_preset)), len(r["gsm8k"]["correct"]))
             solved[comparison].append(f"{seed}: " + ", ".join(f"{sum(r[t]['correct'])} vs {sum(other[t]['correct'])}" for t in tasks))

@@ -274,6 +274,8 @@ def test_a_seeded_preset_repeats_its_preset_under_another_seed_and_its_pairs_are
     assert seeded[: len(recover.PRESETS["cpu-global-mlp-L640"])] == recover.PRESETS["cpu-global-mlp-L640"]
     assert {"--seed_everything=1", "--pruning.seed=1", "--data.seed=1"} <= set(seeded)
     assert recover.REFERENCES["cpu-global-mlp-L640-seed1"] == "cpu-uniform-L640-seed1"
+    # A seeded KD preset is compared with its gold-CE baseline's run under the same seed, and only where that ran seeded.
+    assert recover.BASELINES["cpu-uniform-kd-self-L640-seed1"] == ("cpu-uniform-L640-seed1",)
     assert recover.preset_seed("cpu-uniform-L640-seed1") == ("cpu-uniform-L640", 1)
     assert recover.preset_seed("cpu-uniform-L640") == ("cpu-uniform-L640", 0)
     monkeypatch.setattr(render, "REFERENCES", {"g": "u", "g-seed1": "u-seed1"})
@@ -298,6 +300,23 @@ def test_a_seeded_preset_repeats_its_preset_under_another_seed_and_its_pairs_are
     drift = {x.split(" | ")[0]: x.split(" | ")[2:] for x in lines if "seed 1 − seed 0" in x}
     assert set(drift) == {"| kinetic (`g`)", "| flap (`u`)"}  # rku ran under one seed only
     assert drift["| kinetic (`g`)"][0].startswith("3 vs 2 of 4: +1 [") and drift["| flap (`u`)"][2].startswith("1 vs 3 of 6: -2 [")
+
+
+def test_a_kd_run_and_its_gold_ce_baseline_are_summed_over_seeds(monkeypatch):
+    """KD − gold CE of one method is read from both seeds' draws, each seed's KD run with the same seed's CE run."""
+    monkeypatch.setattr(render, "REFERENCES", {})
+    monkeypatch.setattr(render, "BASELINES", {"kd": ("ce",), "kd-seed1": ("ce-seed1",)})
+
+    def row(preset: str, gsm8k: list[int]) -> dict:
+        tasks = {t: {"correct": [bool(x) for x in c], "indices": list(range(len(c)))} for t, c in (("gsm8k", gsm8k), ("ood", [0]))}
+        return {"row_id": f"rku-{preset}", "method": "rku", "preset": preset, "cap": 256, **tasks}
+
+    rows = [row("kd", [1, 1, 0]), row("ce", [0, 1, 0]), row("kd-seed1", [1, 0, 0]), row("ce-seed1", [1, 1, 1])]
+    (line,) = [x for x in render.recover_seeds_section(rows) if x.startswith("| rku (`kd`) − rku (`ce`)")]
+    cells = line.split(" | ")
+    assert cells[2] == "0: 2 vs 1, 0 vs 0; 1: 1 vs 3, 0 vs 0"
+    assert cells[3].startswith("-1 [")  # +1 under seed 0, −2 under seed 1
+    assert render.recover_seeds_section(rows[:2]) == []  # one seed: nothing to sum
 
 
 def test_the_gpu_script_names_only_presets_and_methods_that_exist():
