@@ -841,9 +841,11 @@ def _rku_run(rows: list[dict], row: dict) -> dict | None:
 
 
 def _pair_label(row: dict, other: dict) -> str:
-    """`method − method (preset)`, naming both presets where they differ."""
+    """`method − method (preset)`, or `preset − preset (method)` for one method, naming both of what differs."""
     if row["preset"] == other["preset"]:
         return f"{row['method']} − {other['method']} (`{row['preset']}`)"
+    if row["method"] == other["method"]:
+        return f"`{row['preset']}` − `{other['preset']}` ({row['method']})"
     return f"{row['method']} (`{row['preset']}`) − {other['method']} (`{other['preset']}`)"
 
 
@@ -1001,6 +1003,13 @@ def _same_questions(a: dict, b: dict) -> bool:
     return all(a[t]["indices"] == b[t]["indices"] for t in ("gsm8k", "ood"))
 
 
+def _question_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """The `recover_answers` rows compared per question: each with the runs `_paired_runs` pairs it with by method,
+    then each KD row with its gold-CE baseline's (`_baseline_pairs`), where both answered the same questions."""
+    by_method = [(r, other) for r in rows for other in _paired_runs(rows, r) if _same_questions(r, other)]
+    return by_method + _baseline_pairs(rows, _same_questions)
+
+
 def questions_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
     """Recover rows' final answers on more questions (`benchmarks.recover_answers --questions`): each against the
     dense model on the same questions, then each against the runs `_paired_runs` names and each KD row against its
@@ -1016,7 +1025,6 @@ def questions_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
         "| row | GSM8K | dense | − dense | of dense | OOD | dense | − dense | controls unchanged |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    compared: list[tuple[str, dict, dict]] = []
     for r in rows:
         cells = []
         for task, name in (("gsm8k", "gsm8k"), ("ood", "svamp")):
@@ -1028,8 +1036,7 @@ def questions_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
             if task == "gsm8k":
                 cells.append(f"{sum(mine) / sum(dense):.0%}" if dense and sum(dense) else "")
         lines.append(f"| {r['row_id']} | " + " | ".join(cells) + f" | {_controls_cell(r)} |")
-        compared += [(_pair_label(r, other), r, other) for other in _paired_runs(rows, r) if _same_questions(r, other)]
-    compared += [(f"`{r['preset']}` − `{b['preset']}` ({r['method']})", r, b) for r, b in _baseline_pairs(rows, _same_questions)]
+    compared = [(_pair_label(r, other), r, other) for r, other in _question_pairs(rows)]
     if compared:
         lines += ["", UNFITTED, "",
                   f"| pair | GSM8K | OOD | both | GSM8K, from question {PICKED_ON} on |", "|---|---|---|---|---|"]
@@ -1044,22 +1051,19 @@ def questions_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
 
 
 def recover_seeds_section(rows: list[dict]) -> list[str]:
-    """The pairs of `questions_section`, and each KD run with its gold-CE baseline's (`_baseline_pairs`), measured
-    under several seeds (`recover.SEEDED`), summed over the seeds: one recovery run is one draw of adapters,
-    calibration sample and data order, so a gap is read from all the draws."""
+    """The pairs of `questions_section` (`_question_pairs`) measured under several seeds (`recover.SEEDED`), summed
+    over the seeds: one recovery run is one draw of adapters, calibration sample and data order, so a gap is read
+    from all the draws."""
     pooled: dict[tuple, dict[tuple[str, int], list[int]]] = defaultdict(lambda: defaultdict(list))
     solved: dict[tuple, list[str]] = defaultdict(list)
     tasks = ("gsm8k", "ood")
-    baselines = _baseline_pairs(rows, _same_questions)
-    for r in rows:
-        paired = [*_paired_runs(rows, r), *(b for kd, b in baselines if kd is r)]
-        for other in (o for o in paired if _same_questions(r, o)):
-            (preset, seed), (other_preset, _) = preset_seed(r["preset"]), preset_seed(other["preset"])
-            comparison = (_pair_label(dict(r, preset=preset), dict(other, preset=other_preset)), len(r["gsm8k"]["correct"]))
-            solved[comparison].append(f"{seed}: " + ", ".join(f"{sum(r[t]['correct'])} vs {sum(other[t]['correct'])}" for t in tasks))
-            for task in tasks:
-                for i, mine, theirs in zip(r[task]["indices"], r[task]["correct"], other[task]["correct"]):
-                    pooled[comparison][(task, i)].append(int(mine) - int(theirs))
+    for r, other in _question_pairs(rows):
+        (preset, seed), (other_preset, _) = preset_seed(r["preset"]), preset_seed(other["preset"])
+        comparison = (_pair_label(dict(r, preset=preset), dict(other, preset=other_preset)), len(r["gsm8k"]["correct"]))
+        solved[comparison].append(f"{seed}: " + ", ".join(f"{sum(r[t]['correct'])} vs {sum(other[t]['correct'])}" for t in tasks))
+        for task in tasks:
+            for i, mine, theirs in zip(r[task]["indices"], r[task]["correct"], other[task]["correct"]):
+                pooled[comparison][(task, i)].append(int(mine) - int(theirs))
     lines = []
     for comparison in (c for c in pooled if len(solved[c]) > 1):
         by_task = [{k: v for k, v in pooled[comparison].items() if k[0] == task} for task in tasks]

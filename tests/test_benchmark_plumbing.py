@@ -312,7 +312,7 @@ def test_a_kd_run_and_its_gold_ce_baseline_are_summed_over_seeds(monkeypatch):
         return {"row_id": f"rku-{preset}", "method": "rku", "preset": preset, "cap": 256, **tasks}
 
     rows = [row("kd", [1, 1, 0]), row("ce", [0, 1, 0]), row("kd-seed1", [1, 0, 0]), row("ce-seed1", [1, 1, 1])]
-    (line,) = [x for x in render.recover_seeds_section(rows) if x.startswith("| rku (`kd`) − rku (`ce`)")]
+    (line,) = [x for x in render.recover_seeds_section(rows) if x.startswith("| `kd` − `ce` (rku)")]
     cells = line.split(" | ")
     assert cells[2] == "0: 2 vs 1, 0 vs 0; 1: 1 vs 3, 0 vs 0"
     assert cells[3].startswith("-1 [")  # +1 under seed 0, −2 under seed 1
