@@ -271,7 +271,8 @@ def test_shipped_configs_parse(config):
     "preset, rounds, val_limit",
     [("cpu", 2, 32), ("cpu-uniform", 2, 32), ("cpu-recovery-only", 1, 32), ("cpu-uniform-kd-self", 2, 32),
      ("cpu-uniform-kd-self-L640", 2, 32), ("cpu-uniform-L640", 2, 32), ("gpu-ce-gold", 4, 100), ("gpu-kd-self", 4, 100), ("gpu-recovery-only", 1, 100),
-     ("cpu-uniform-L640-30", 2, 32), ("cpu-uniform-kd-self-L640-30", 2, 32), ("gpu-ce-gold-30", 4, 100), ("gpu-kd-self-30", 4, 100)],
+     ("cpu-uniform-L640-30", 2, 32), ("cpu-uniform-kd-self-L640-30", 2, 32), ("gpu-ce-gold-30", 4, 100), ("gpu-kd-self-30", 4, 100),
+     ("cpu-uniform-L640-20", 2, 32), ("cpu-uniform-kd-self-L640-20", 2, 32)],
 )
 def test_recover_presets_parse(preset, rounds, val_limit):
     """The benchmark's presets are valid overrides of the config they modify."""
@@ -284,7 +285,7 @@ def test_recover_presets_parse(preset, rounds, val_limit):
         assert "recovery: kd" in result.stdout and "train_source: self" in result.stdout
     window = [o.split("=")[1] for o in PRESETS[preset] if o.startswith("--data.max_length=")]
     assert not window or f"max_length: {window[-1]}\n" in result.stdout
-    target = "0.3" if preset.endswith("-30") else "0.001" if "recovery-only" in preset else "0.4"
+    target = {"30": "0.3", "20": "0.2"}.get(preset.rsplit("-", 1)[-1], "0.001" if "recovery-only" in preset else "0.4")
     assert f"target_sparsity: {target}\n" in result.stdout
 
 
