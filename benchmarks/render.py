@@ -588,6 +588,12 @@ def _unfitted(result: dict) -> list[bool]:
     return [c for i, c in zip(result["indices"], result["correct"]) if i >= PICKED_ON]
 
 
+def _kept_and_new(mine: list[bool], dense: list[bool]) -> str:
+    """`kept / new`: the questions solved by both, and by `mine` alone. A pruned model's share of dense accuracy is
+    the balance of both, so the same share can hide many answers lost and as many gained."""
+    return f"{sum(m and d for m, d in zip(mine, dense, strict=True))} / {sum(m and not d for m, d in zip(mine, dense))}"
+
+
 def _count_gap(mine: list[bool], theirs: list[bool]) -> str:
     """`a vs b of n: gap [low, high]`."""
     return f"{sum(mine)} vs {sum(theirs)} of {len(mine)}: {_question_gap(mine, theirs)}"
@@ -1020,10 +1026,11 @@ def questions_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
         "`python -m benchmarks.recover_answers --questions N`: the row's own final answers, then its exported model's "
         "answers to the next questions of each set (*controls*: the row's finished answers regenerated, which must come "
         "back unchanged). Gaps paired per question, in solved questions; *of dense*: solved over the dense model's solved "
-        "on the same questions (dense from the one-shot rows, same cap).",
+        "on the same questions (dense from the one-shot rows, same cap); *kept / new*: of the GSM8K questions it solves, "
+        "those the dense model solves too and those it misses.",
         "",
-        "| row | GSM8K | dense | − dense | of dense | OOD | dense | − dense | controls unchanged |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| row | GSM8K | dense | − dense | of dense | kept / new | OOD | dense | − dense | controls unchanged |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = []
@@ -1035,6 +1042,7 @@ def questions_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
                       _question_gap(mine, dense) if dense else ""]
             if task == "gsm8k":
                 cells.append(f"{sum(mine) / sum(dense):.0%}" if dense and sum(dense) else "")
+                cells.append(_kept_and_new(mine, dense) if dense else "")
         lines.append(f"| {r['row_id']} | " + " | ".join(cells) + f" | {_controls_cell(r)} |")
     compared = [(_pair_label(r, other), r, other) for r, other in _question_pairs(rows)]
     if compared:

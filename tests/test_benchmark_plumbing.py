@@ -268,6 +268,19 @@ def test_a_preset_that_changes_only_what_is_pruned_is_paired_with_every_run_of_i
     assert within == {"kinetic − rku (`g`)", "kinetic − flap (`g`)", "flap − rku (`g`)"}
 
 
+def test_a_recovered_row_is_set_against_the_dense_answers_it_keeps_and_the_ones_it_gains():
+    """Same accuracy as dense can hide answers lost and gained: the table counts both, on the dense row's questions."""
+    tasks = {t: {"correct": c, "indices": [2, 3, 4, 5], "controls": 1, "controls_unchanged": 1}
+             for t, c in (("gsm8k", [True, True, False, True]), ("ood", [False] * 4))}
+    recovered = {"row_id": "rku-u", "method": "rku", "preset": "u", "cap": 256, **tasks}
+    dense = {"row_id": "qwen-dense", "settings": {"max_new_tokens": 256}, "gsm8k_indices": [0, 1, 2, 3, 4, 5],
+             "gsm8k_correct": [1, 1, 0, 1, 1, 1], "svamp_indices": [2, 3, 4, 5], "svamp_correct": [1, 0, 0, 0]}
+    (line,) = [x for x in render.questions_section([recovered], oneshot=[dense]) if x.startswith("| rku-u |")]
+    cells = line.split(" | ")
+    assert cells[2] == "3/4" and cells[3].startswith("+0 [") and cells[4:6] == ["100%", "2 / 1"]  # dense: 3, 4, 5; row: 2, 3, 5
+    assert cells[7] == "1/4" and cells[8].startswith("-1 [")  # OOD: no kept / new column
+
+
 def test_a_seeded_preset_repeats_its_preset_under_another_seed_and_its_pairs_are_summed_over_seeds(monkeypatch):
     """Seed 1 of the global MLP-only gold-CE run pairs with seed 1 of the uniform runs; both seeds' gaps sum per question."""
     seeded = recover.PRESETS["cpu-global-mlp-L640-seed1"]
