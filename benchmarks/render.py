@@ -1058,6 +1058,41 @@ def questions_section(rows: list[dict], oneshot: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def _add_question_gaps(into: dict[tuple[str, int], list[int]], r: dict, other: dict) -> None:
+    """Append `r` − `other` on each (task, question) two `recover_answers` rows share (`_same_questions`) to `into`."""
+    for task in ("gsm8k", "ood"):
+        for i, mine, theirs in zip(r[task]["indices"], r[task]["correct"], other[task]["correct"], strict=True):
+            into[(task, i)].append(int(mine) - int(theirs))
+
+
+def recovery_loss_section(rows: list[dict]) -> list[str]:
+    """Every KD row against its gold-CE baseline (`_baseline_pairs`), summed per method and over all of them: each
+    pair alone is a tie at these counts, and the default recovery loss should be read from all of them together.
+    One pair per method and KD preset, the one on the most questions: a longer `--questions` run repeats a shorter
+    one's answers, so summing both would count those questions twice."""
+    widest: dict[tuple[str, str], tuple[dict, dict]] = {}
+    for r, b in _baseline_pairs(rows, _same_questions):
+        key = (r["method"], r["preset"])
+        if key not in widest or len(_both(r)) > len(_both(widest[key][0])):
+            widest[key] = (r, b)
+    pairs = list(widest.values())
+    if len(pairs) < 2:
+        return []
+    groups = {m: [(r, b) for r, b in pairs if r["method"] == m] for m in sorted({r["method"] for r, _ in pairs})}
+    lines = []
+    for name, group in [*groups.items(), ("all", pairs)]:
+        gaps: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for r, b in group:
+            _add_question_gaps(gaps, r, b)
+        cells = [_summed_gap({k: v for k, v in gaps.items() if k[0] == task}) for task in ("gsm8k", "ood")]
+        presets = ", ".join(f"`{r['preset']}`" for r, _ in group) if name != "all" else f"{len(group)} pairs"
+        lines.append(f"| {name} | {presets} | " + " | ".join([*cells, _summed_gap(gaps)]) + " |")
+    return ["## Recovery loss over every pair: KD on self traces − CE on gold text", "",
+            "Each KD run against its preset's gold-CE baseline (`benchmarks.recover.BASELINES`), same method and "
+            "questions, the gaps summed; questions resampled with all their pairs' gaps.", "",
+            "| method | KD presets | GSM8K | OOD | both |", "|---|---|---|---|---|", *lines, ""]
+
+
 def recover_seeds_section(rows: list[dict]) -> list[str]:
     """The pairs of `questions_section` (`_question_pairs`) measured under several seeds (`recover.SEEDED`), summed
     over the seeds: one recovery run is one draw of adapters, calibration sample and data order, so a gap is read
@@ -1069,9 +1104,7 @@ def recover_seeds_section(rows: list[dict]) -> list[str]:
         (preset, seed), (other_preset, _) = preset_seed(r["preset"]), preset_seed(other["preset"])
         comparison = (_pair_label(dict(r, preset=preset), dict(other, preset=other_preset)), len(r["gsm8k"]["correct"]))
         solved[comparison].append(f"{seed}: " + ", ".join(f"{sum(r[t]['correct'])} vs {sum(other[t]['correct'])}" for t in tasks))
-        for task in tasks:
-            for i, mine, theirs in zip(r[task]["indices"], r[task]["correct"], other[task]["correct"]):
-                pooled[comparison][(task, i)].append(int(mine) - int(theirs))
+        _add_question_gaps(pooled[comparison], r, other)
     lines = []
     for comparison in (c for c in pooled if len(solved[c]) > 1):
         by_task = [{k: v for k, v in pooled[comparison].items() if k[0] == task} for task in tasks]
@@ -1169,6 +1202,7 @@ def render() -> Path:
     if more := [row for folder in sorted(RESULTS.glob("recover_q*")) for row in load_rows(folder.name)]:
         lines += questions_section(more, rows)
         lines += recover_seeds_section(more)
+        lines += recovery_loss_section(more)
     if efficiency := load_rows("efficiency"):
         lines += efficiency_section(efficiency)
     if llama_cpp := load_rows("llama_cpp"):

@@ -281,6 +281,28 @@ def test_a_recovered_row_is_set_against_the_dense_answers_it_keeps_and_the_ones_
     assert cells[7] == "1/4" and cells[8].startswith("-1 [")  # OOD: no kept / new column
 
 
+def test_every_kd_run_is_set_against_its_gold_ce_baseline_and_the_gaps_are_summed_per_method_and_over_all(monkeypatch):
+    monkeypatch.setattr(render, "BASELINES", {"kd": ("ce",), "kd-20": ("ce-20",)})
+
+    def row(method: str, preset: str, gsm8k: list[int], ood: list[int], first: int = 0) -> dict:
+        tasks = {t: {"correct": [bool(x) for x in c], "indices": list(range(first, first + len(c)))}
+                 for t, c in (("gsm8k", gsm8k), ("ood", ood))}
+        return {"row_id": f"{method}-{preset}", "method": method, "preset": preset, "cap": 256, **tasks}
+
+    rows = [row("rku", "kd", [1, 1, 0], [1, 0]), row("rku", "ce", [0, 1, 0], [0, 0]),  # +1 GSM8K, +1 OOD
+            row("rku", "kd-20", [0, 0, 0], [1, 1]), row("rku", "ce-20", [1, 0, 0], [1, 1]),  # -1 GSM8K
+            row("flap", "kd", [1, 1, 1], [0, 0]), row("flap", "ce", [0, 0, 0], [0, 0]),  # +3 GSM8K
+            row("flap", "kd-20", [1], [1], first=9), row("flap", "ce-20", [0], [0])]  # other questions: not paired
+    assert render.recovery_loss_section(rows[:2]) == []  # one pair: nothing to sum
+    shorter = [row("rku", "kd", [1, 1], [1]), row("rku", "ce", [0, 1], [0])]  # its first questions again: not summed twice
+    assert render.recovery_loss_section(shorter + rows) == render.recovery_loss_section(rows)
+    table = {line.split(" | ")[0].removeprefix("| "): line.split(" | ")[1:] for line in render.recovery_loss_section(rows)
+             if line.startswith(("| rku", "| flap", "| all"))}
+    assert table["rku"][0] == "`kd`, `kd-20`" and [c.split(" [")[0] for c in table["rku"][1:]] == ["+0", "+1", "+1"]
+    assert table["flap"][0] == "`kd`" and table["flap"][1].startswith("+3 [")
+    assert table["all"][0] == "3 pairs" and [c.split(" [")[0] for c in table["all"][1:]] == ["+3", "+1", "+4"]
+
+
 def test_a_seeded_preset_repeats_its_preset_under_another_seed_and_its_pairs_are_summed_over_seeds(monkeypatch):
     """Seed 1 of the global MLP-only gold-CE run pairs with seed 1 of the uniform runs; both seeds' gaps sum per question."""
     seeded = recover.PRESETS["cpu-global-mlp-L640-seed1"]
