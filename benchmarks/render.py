@@ -591,7 +591,8 @@ def _unfitted(result: dict) -> list[bool]:
 def _kept_and_new(mine: list[bool], dense: list[bool]) -> str:
     """`kept / new`: the questions solved by both, and by `mine` alone. A pruned model's share of dense accuracy is
     the balance of both, so the same share can hide many answers lost and as many gained."""
-    return f"{sum(m and d for m, d in zip(mine, dense, strict=True))} / {sum(m and not d for m, d in zip(mine, dense))}"
+    solved_by_dense = [d for m, d in zip(mine, dense, strict=True) if m]
+    return f"{sum(solved_by_dense)} / {solved_by_dense.count(False)}"
 
 
 def _count_gap(mine: list[bool], theirs: list[bool]) -> str:
