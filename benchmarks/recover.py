@@ -150,7 +150,9 @@ PICKED_ON = 64
 #: Presets run again under another seed as `<preset>-seed<S>`: one recovery run is one draw of the LoRA adapters'
 #: initialisation, every round's random streams, the calibration sample and the order of the recovery data, and a
 #: gap between two methods can be that draw's. The questions answered stay the same, so seeds pair per question.
-SEEDED: tuple[str, ...] = ("cpu-uniform-L640", "cpu-global-mlp-L640", "cpu-uniform-kd-self-L640")
+SEEDED: tuple[str, ...] = (
+    "cpu-uniform-L640", "cpu-global-mlp-L640", "cpu-uniform-kd-self-L640", "cpu-uniform-kd-self-L640-20",
+)
 SEEDS: tuple[int, ...] = (1,)
 SEED_SUFFIX = "-seed"
 PRESETS |= {
