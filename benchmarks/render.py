@@ -1066,6 +1066,11 @@ def _add_question_gaps(into: dict[tuple[str, int], list[int]], r: dict, other: d
             into[(task, i)].append(int(mine) - int(theirs))
 
 
+def _task_gap_cells(gaps: dict[tuple[str, int], list[int]]) -> list[str]:
+    """Summed gaps (`_add_question_gaps`) on GSM8K, on OOD and on both."""
+    return [*(_summed_gap({k: v for k, v in gaps.items() if k[0] == task}) for task in ("gsm8k", "ood")), _summed_gap(gaps)]
+
+
 def recovery_loss_section(rows: list[dict]) -> list[str]:
     """Every KD row against its gold-CE baseline (`_baseline_pairs`), summed per method and over all of them: each
     pair alone is a tie at these counts, and the default recovery loss should be read from all of them together.
@@ -1085,9 +1090,8 @@ def recovery_loss_section(rows: list[dict]) -> list[str]:
         gaps: dict[tuple[str, int], list[int]] = defaultdict(list)
         for r, b in group:
             _add_question_gaps(gaps, r, b)
-        cells = [_summed_gap({k: v for k, v in gaps.items() if k[0] == task}) for task in ("gsm8k", "ood")]
         presets = ", ".join(f"`{r['preset']}`" for r, _ in group) if name != "all" else f"{len(group)} pairs"
-        lines.append(f"| {name} | {presets} | " + " | ".join([*cells, _summed_gap(gaps)]) + " |")
+        lines.append(f"| {name} | {presets} | " + " | ".join(_task_gap_cells(gaps)) + " |")
     return ["## Recovery loss over every pair: KD on self traces − CE on gold text", "",
             "Each KD run against its preset's gold-CE baseline (`benchmarks.recover.BASELINES`), same method and "
             "questions, the gaps summed; questions resampled with all their pairs' gaps.", "",
@@ -1108,12 +1112,11 @@ def recover_seeds_section(rows: list[dict]) -> list[str]:
         _add_question_gaps(pooled[comparison], r, other)
     lines = []
     for comparison in (c for c in pooled if len(solved[c]) > 1):
-        by_task = [{k: v for k, v in pooled[comparison].items() if k[0] == task} for task in tasks]
         # The allocation was chosen on the first PICKED_ON questions of each set; the rest are an unfitted check.
         fresh = {k: v for k, v in pooled[comparison].items() if k[1] >= PICKED_ON}
         unfitted = [_summed_gap({k: v for k, v in fresh.items() if k[0] == "gsm8k"}), _summed_gap(fresh)] if fresh else ["—", "—"]
         lines.append(f"| {comparison[0]} | {comparison[1]} | {'; '.join(sorted(solved[comparison]))} | "
-                     + " | ".join([*(_summed_gap(gaps) for gaps in [*by_task, pooled[comparison]]), *unfitted]) + " |")
+                     + " | ".join([*_task_gap_cells(pooled[comparison]), *unfitted]) + " |")
     # The same method and preset under two seeds: how far one run's draw alone moves the answers.
     drift = [
         f"| {r['method']} (`{base}`) | seed {seed} − seed 0 | "
