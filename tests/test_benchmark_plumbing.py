@@ -312,6 +312,7 @@ def test_a_seeded_preset_repeats_its_preset_under_another_seed_and_its_pairs_are
     # A seeded KD preset is compared with its gold-CE baseline's run under the same seed, and only where that ran seeded.
     assert recover.BASELINES["cpu-uniform-kd-self-L640-seed1"] == ("cpu-uniform-L640-seed1",)
     assert recover.BASELINES["cpu-uniform-kd-self-L640-20-seed1"] == ()  # its gold-CE pair has no seed-1 run
+    assert recover.BASELINES["cpu-uniform-kd-self-L640-30-seed1"] == ()
     assert recover.preset_seed("cpu-uniform-L640-seed1") == ("cpu-uniform-L640", 1)
     assert recover.preset_seed("cpu-uniform-L640") == ("cpu-uniform-L640", 0)
     monkeypatch.setattr(render, "REFERENCES", {"g": "u", "g-seed1": "u-seed1"})
