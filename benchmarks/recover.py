@@ -152,7 +152,7 @@ PICKED_ON = 64
 #: gap between two methods can be that draw's. The questions answered stay the same, so seeds pair per question.
 SEEDED: tuple[str, ...] = (
     "cpu-uniform-L640", "cpu-global-mlp-L640", "cpu-uniform-kd-self-L640", "cpu-uniform-kd-self-L640-20",
-    "cpu-uniform-kd-self-L640-30", "cpu-uniform-L640-30", "cpu-uniform-L640-20",
+    "cpu-uniform-kd-self-L640-30", "cpu-uniform-L640-30", "cpu-uniform-L640-20", "cpu-global-mlp-kd-self-L640",
 )
 SEEDS: tuple[int, ...] = (1,)
 SEED_SUFFIX = "-seed"

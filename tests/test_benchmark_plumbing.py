@@ -313,6 +313,8 @@ def test_a_seeded_preset_repeats_its_preset_under_another_seed_and_its_pairs_are
     # (`cpu-uniform`, its second baseline, did not).
     assert recover.BASELINES["cpu-uniform-kd-self-L640-seed1"] == ("cpu-uniform-L640-seed1",)
     assert recover.BASELINES["cpu-uniform-kd-self-L640-20-seed1"] == ("cpu-uniform-L640-20-seed1",)
+    assert recover.BASELINES["cpu-global-mlp-kd-self-L640-seed1"] == ("cpu-global-mlp-L640-seed1",)
+    assert recover.REFERENCES["cpu-global-mlp-kd-self-L640-seed1"] == "cpu-uniform-kd-self-L640-seed1"
     assert recover.preset_seed("cpu-uniform-L640-seed1") == ("cpu-uniform-L640", 1)
     assert recover.preset_seed("cpu-uniform-L640") == ("cpu-uniform-L640", 0)
     monkeypatch.setattr(render, "REFERENCES", {"g": "u", "g-seed1": "u-seed1"})
