@@ -119,6 +119,11 @@ PRESETS: dict[str, list[str]] = {
     "cpu-recovery-only": with_option(
         with_option(CPU_UNIFORM, "--pruning.rounds=1"), "--pruning.target_sparsity=0.001"
     ),
+    # The recovery budget alone: the gold-CE pair with three times the LoRA steps per round (and so three times the
+    # training questions), everything else as in `cpu-uniform-L640`. Is the CPU budget what keeps RKU below the goal?
+    "cpu-uniform-L640-steps48": with_option(
+        with_option(CPU_UNIFORM, "--data.max_length=640"), "--pruning.recovery_steps=48"
+    ),
 }
 
 #: The presets each KD preset is compared with in RESULTS.md, best pair first: the same budget and questions with
@@ -134,9 +139,11 @@ BASELINES: dict[str, tuple[str, ...]] = {
     "gpu-global-mlp-kd-self": ("gpu-global-mlp-ce-gold",),
 }
 
-#: The preset whose runs (every method) a preset that changes only what is pruned is paired with in RESULTS.md: the same
-#: recovery, budget and questions with the uniform allocation.
+#: The preset whose runs (every method) a preset that changes one thing is paired with in RESULTS.md: for what is pruned,
+#: the same recovery, budget and questions with the uniform allocation; for the recovery budget, the same pruning,
+#: recovery and questions with the CPU budget's steps.
 REFERENCES: dict[str, str] = {
+    "cpu-uniform-L640-steps48": "cpu-uniform-L640",
     "cpu-global-mlp-kd-self-L640": "cpu-uniform-kd-self-L640",
     "cpu-global-mlp-L640": "cpu-uniform-L640",
     "gpu-global-mlp-kd-self": "gpu-kd-self",
@@ -153,6 +160,7 @@ PICKED_ON = 64
 SEEDED: tuple[str, ...] = (
     "cpu-uniform-L640", "cpu-global-mlp-L640", "cpu-uniform-kd-self-L640", "cpu-uniform-kd-self-L640-20",
     "cpu-uniform-kd-self-L640-30", "cpu-uniform-L640-30", "cpu-uniform-L640-20", "cpu-global-mlp-kd-self-L640",
+    "cpu-uniform-L640-steps48",
 )
 SEEDS: tuple[int, ...] = (1,)
 SEED_SUFFIX = "-seed"

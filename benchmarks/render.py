@@ -835,7 +835,7 @@ PAIRED_WITH = ("rku", "flap")
 
 def _paired_runs(rows: list[dict], row: dict) -> list[dict]:
     """The runs among `rows` that `row` is paired with by method: its preset's runs of `PAIRED_WITH`, and every run of
-    its reference preset (`benchmarks.recover.REFERENCES`) where it changes only what is pruned."""
+    its reference preset (`benchmarks.recover.REFERENCES`) where it changes one thing (what is pruned, or the budget)."""
     own = PAIRED_WITH[: PAIRED_WITH.index(row["method"])] if row["method"] in PAIRED_WITH else PAIRED_WITH
     return [x for x in rows if x is not row and (x["preset"] == row["preset"] and x["method"] in own
                                                   or x["preset"] == REFERENCES.get(row["preset"]))]
@@ -864,8 +864,8 @@ def _recover_answers_table(rows: list[dict]) -> list[str]:
     if not kept:
         return []
     lines = ["Accuracy per round from the kept answers (`<row>.generations.jsonl`; gaps paired per question, in solved "
-             "questions, with the RKU run of the same preset (or, named in the cell, of the uniform preset a preset that "
-             "changes only what is pruned is paired with, `benchmarks.recover.REFERENCES`) and with the same method's run of the preset's gold-CE "
+             "questions, with the RKU run of the same preset (or, named in the cell, of the preset a preset that changes "
+             "one thing, what is pruned or the recovery budget, is paired with, `benchmarks.recover.REFERENCES`) and with the same method's run of the preset's gold-CE "
              "baseline, named in the cell, `benchmarks.recover.BASELINES`; *both*: GSM8K and OOD together):", "",
              "| row | round | GSM8K | GSM8K − RKU | GSM8K − gold CE | OOD | OOD − RKU | OOD − gold CE | both − RKU | both − gold CE |",
              "|---|---|---|---|---|---|---|---|---|---|"]

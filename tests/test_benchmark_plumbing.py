@@ -303,6 +303,17 @@ def test_every_kd_run_is_set_against_its_gold_ce_baseline_and_the_gaps_are_summe
     assert table["all"][0] == "3 pairs" and [c.split(" [")[0] for c in table["all"][1:]] == ["+3", "+1", "+4"]
 
 
+def test_a_preset_paired_with_a_reference_preset_changes_one_thing_from_it():
+    """RESULTS.md reads a gap to the reference preset's runs as the effect of one change: the allocation (what is
+    pruned) or the recovery budget, never both and never anything else."""
+    one_thing = ({"--pruning.allocation", "--pruning.attention"}, {"--pruning.recovery_steps"})
+    for preset, reference in recover.REFERENCES.items():
+        changed = {o.split("=", 1)[0] for o in set(recover.PRESETS[preset]) ^ set(recover.PRESETS[reference])}
+        assert changed in one_thing, (preset, reference, changed)
+    budget = set(recover.PRESETS["cpu-uniform-L640-steps48"]) - set(recover.PRESETS["cpu-uniform-L640"])
+    assert budget == {"--pruning.recovery_steps=48"}
+
+
 def test_a_seeded_preset_repeats_its_preset_under_another_seed_and_its_pairs_are_summed_over_seeds(monkeypatch):
     """Seed 1 of the global MLP-only gold-CE run pairs with seed 1 of the uniform runs; both seeds' gaps sum per question."""
     seeded = recover.PRESETS["cpu-global-mlp-L640-seed1"]
