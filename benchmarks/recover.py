@@ -123,6 +123,9 @@ PRESETS: dict[str, list[str]] = {
 #: The recovery budget alone: `cpu-uniform-L640` with three times the LoRA steps per round (and so three times the
 #: training questions). Is the CPU budget what keeps RKU below the goal?
 PRESETS["cpu-uniform-L640-steps48"] = with_option(PRESETS["cpu-uniform-L640"], "--pruning.recovery_steps=48")
+#: RESP's calibration (README, "Calibration source"): each round scores on traces the model writes as it is then,
+#: pruned and recovered so far, instead of the dense model's; recovery stays KD on the dense model's traces.
+PRESETS["cpu-uniform-kd-current-L640"] = with_option(PRESETS["cpu-uniform-kd-self-L640"], "--data.calibration_source=current")
 
 #: The presets each KD preset is compared with in RESULTS.md, best pair first: the same budget and questions with
 #: gold-text CE (for L640, in the same window if that method was run so, else in the default one).
@@ -138,10 +141,11 @@ BASELINES: dict[str, tuple[str, ...]] = {
 }
 
 #: The preset whose runs (every method) a preset that changes one thing is paired with in RESULTS.md: for what is pruned,
-#: the same recovery, budget and questions with the uniform allocation; for the recovery budget, the same pruning,
-#: recovery and questions with the CPU budget's steps.
+#: the same recovery, budget and questions with the uniform allocation, or calibrated on the dense model's traces; for
+#: the recovery budget, the same pruning, recovery and questions with the CPU budget's steps.
 REFERENCES: dict[str, str] = {
     "cpu-uniform-L640-steps48": "cpu-uniform-L640",
+    "cpu-uniform-kd-current-L640": "cpu-uniform-kd-self-L640",
     "cpu-global-mlp-kd-self-L640": "cpu-uniform-kd-self-L640",
     "cpu-global-mlp-L640": "cpu-uniform-L640",
     "gpu-global-mlp-kd-self": "gpu-kd-self",
@@ -158,7 +162,7 @@ PICKED_ON = 64
 SEEDED: tuple[str, ...] = (
     "cpu-uniform-L640", "cpu-global-mlp-L640", "cpu-uniform-kd-self-L640", "cpu-uniform-kd-self-L640-20",
     "cpu-uniform-kd-self-L640-30", "cpu-uniform-L640-30", "cpu-uniform-L640-20", "cpu-global-mlp-kd-self-L640",
-    "cpu-uniform-L640-steps48",
+    "cpu-uniform-L640-steps48", "cpu-uniform-kd-current-L640",
 )
 SEEDS: tuple[int, ...] = (1,)
 SEED_SUFFIX = "-seed"

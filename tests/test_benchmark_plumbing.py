@@ -304,14 +304,16 @@ def test_every_kd_run_is_set_against_its_gold_ce_baseline_and_the_gaps_are_summe
 
 
 def test_a_preset_paired_with_a_reference_preset_changes_one_thing_from_it():
-    """RESULTS.md reads a gap to the reference preset's runs as the effect of one change: the allocation (what is
-    pruned) or the recovery budget, never both and never anything else."""
-    one_thing = ({"--pruning.allocation", "--pruning.attention"}, {"--pruning.recovery_steps"})
+    """RESULTS.md reads a gap to the reference preset's runs as the effect of one change: what is pruned (the
+    allocation, or the text the scores are calibrated on) or the recovery budget, never two and never anything else."""
+    one_thing = ({"--pruning.allocation", "--pruning.attention"}, {"--data.calibration_source"}, {"--pruning.recovery_steps"})
     for preset, reference in recover.REFERENCES.items():
         changed = {o.split("=", 1)[0] for o in set(recover.PRESETS[preset]) ^ set(recover.PRESETS[reference])}
         assert changed in one_thing, (preset, reference, changed)
     budget = set(recover.PRESETS["cpu-uniform-L640-steps48"]) - set(recover.PRESETS["cpu-uniform-L640"])
     assert budget == {"--pruning.recovery_steps=48"}
+    current = set(recover.PRESETS["cpu-uniform-kd-current-L640"]) - set(recover.PRESETS["cpu-uniform-kd-self-L640"])
+    assert current == {"--data.calibration_source=current"}
 
 
 def test_a_seeded_preset_repeats_its_preset_under_another_seed_and_its_pairs_are_summed_over_seeds(monkeypatch):
