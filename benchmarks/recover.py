@@ -123,7 +123,7 @@ PRESETS: dict[str, list[str]] = {
 #: The recovery budget alone: `cpu-uniform-L640` with three times the LoRA steps per round (and so three times the
 #: training questions). Is the CPU budget what keeps RKU below the goal?
 PRESETS["cpu-uniform-L640-steps48"] = with_option(PRESETS["cpu-uniform-L640"], "--pruning.recovery_steps=48")
-#: RESP's calibration (README, "Calibration source"): each round scores on traces the model writes as it is then,
+#: RESP's calibration (docs/method.md, "Calibration source"): each round scores on traces the model writes as it is then,
 #: pruned and recovered so far, instead of the dense model's; recovery stays KD on the dense model's traces.
 PRESETS["cpu-uniform-kd-current-L640"] = with_option(PRESETS["cpu-uniform-kd-self-L640"], "--data.calibration_source=current")
 
