@@ -178,6 +178,30 @@ def test_an_importance_class_path_builds_the_users_scorer():
     assert parser.instantiate_classes(parser.parse_args([])).pruning.settings.importance == "rku"
 
 
+class DescribedData(TokenData):
+    """Says what each calibration call's batches were built from, as `ReasoningDataModule` does for its traces."""
+
+    calls = 0
+
+    def calibration_dataloader(self):
+        self.calls += 1
+        self.calibration_info = {"source": "current", "traces": 4, "correct": self.calls - 1, "stopped": 4 - self.calls}
+        return super().calibration_dataloader()
+
+
+def test_each_round_records_what_its_own_calibration_call_was_built_from(tmp_path):
+    rku = pruning(compact_at_end=False, report_dir=tmp_path / "report")
+    make_trainer(tmp_path, [rku]).fit(TinyLM(), DescribedData())
+    assert [r["calibration"] for r in rku.records] == [
+        {"source": "current", "traces": 4, "correct": n, "stopped": 3 - n} for n in range(3)
+    ]
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert "| calibration traces |" in table and "| 2/4 right, 1 cut |" in table
+    plain = pruning(rounds=1, compact_at_end=False, report_dir=tmp_path / "plain")
+    make_trainer(tmp_path, [plain]).fit(TinyLM(), TokenData())
+    assert "calibration" not in plain.records[0] and "calibration traces" not in (tmp_path / "plain" / "report.md").read_text()
+
+
 def test_calibrates_from_the_train_loader_without_calibration_dataloader(tmp_path):
     rku = pruning(rounds=1, compact_at_end=False)
     make_trainer(tmp_path, [rku]).fit(TinyLM(), NoCalibration())

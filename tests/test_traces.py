@@ -11,7 +11,7 @@ from conftest import tiny_model, tiny_tokenizer
 
 from rku_lightning.evaluation.data import Problem
 from rku_lightning.evaluation.prompts import encode_solution
-from rku_lightning.evaluation.traces import Trace, as_problems, cached_traces, model_digest
+from rku_lightning.evaluation.traces import Trace, as_problems, cached_traces, model_digest, trace_counts
 
 PROBLEMS = [Problem(question=f"What is {a} + {a}?", solution=f"#### {2 * a}", answer=float(2 * a), index=i) for i, a in enumerate(range(1, 6))]
 
@@ -96,6 +96,16 @@ def test_as_problems_filters_and_trace_becomes_the_solution(tmp_path) -> None:
         as_problems(traces, "best")
 
 
+def test_trace_counts_say_how_many_are_right_and_how_many_the_budget_stopped() -> None:
+    traces = [
+        Trace(0, "q0", 4.0, "2+2=4\n#### 4", 4.0, True, 7),
+        Trace(1, "q1", 5.0, "#### 6", 6.0, False, 3),
+        Trace(2, "q2", 1.0, "1 + 1 = 2, and then", None, False, 8),
+    ]
+    assert trace_counts(traces, max_new_tokens=8) == {"traces": 3, "correct": 1, "stopped": 1}
+    assert trace_counts(traces, max_new_tokens=7) == {"traces": 3, "correct": 1, "stopped": 2}
+
+
 def test_trace_problems_mask_the_prompt_and_label_the_trace(tmp_path) -> None:
     """Calibrating on `self` traces takes gradients from the generated tokens only: labels are -100 on the prompt."""
     tokenizer = tiny_tokenizer(tmp_path)
@@ -126,8 +136,13 @@ def test_current_calibration_source_regenerates_with_the_pruned_model(tmp_path):
     datamodule.trainer = L.Trainer(accelerator="cpu", logger=False)
     datamodule.trainer.strategy.connect(module)
     datamodule.setup("fit")
+    assert datamodule.calibration_info == {"source": "current"}  # nothing generated yet
     before = datamodule.calibration_dataloader()
+    first = datamodule.calibration_info
+    assert first["source"] == "current" and first["keep"] == "all" and first["traces"] == 4 and first["seconds"] > 0
+    assert 0 <= first["correct"] <= 4 and 0 <= first["stopped"] <= 4
     again = datamodule.calibration_dataloader()
+    assert datamodule.calibration_info is not first  # each call describes its own traces
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(before, again))  # same model, same traces
     StructuredPruner(module.model, importance="magnitude", allocation="uniform", progress=False).prune(0.6)
     after = datamodule.calibration_dataloader()

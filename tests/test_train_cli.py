@@ -110,6 +110,7 @@ def test_train_py_end_to_end(tmp_path, accelerator, importance):
     assert all(r["metrics"]["val/kl_to_dense"] > 1e-4 and r["metrics"]["val/kl_to_dense_gold"] > 1e-4 for r in rounds[1:])
     assert rounds[2]["params"] < rounds[1]["params"] < rounds[0]["params"]
     assert rounds[0]["time_evaluate_s"] > 0
+    assert "calibration" not in rounds[0] and all(r["calibration"] == {"source": "gold"} for r in rounds[1:])
     # Every validation answer of every round is kept, and the logged accuracies are their means.
     for r in rounds:
         answers = [json.loads(line) for line in (out / "generations" / f"round-{r['round']}.jsonl").read_text().splitlines()]

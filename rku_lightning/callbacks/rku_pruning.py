@@ -78,7 +78,8 @@ class RKUPruning(Callback):
             `importance`, the `PruningSettings` of the run's `StructuredPruner` (`self.settings`).
         calibration_batches: batches per calibration pass, over all DDP ranks together (rank k takes
             batches k, k + W, ...), from the datamodule's or module's `calibration_dataloader()` if
-            there is one, else from the train loader.
+            there is one, else from the train loader. A maker's `calibration_info` (a dict, read after
+            each call) goes into the round's record as `calibration`.
         recovery_steps: optimizer steps of recovery per round.
         lora: LoRA settings (`r`, `alpha`, `dropout`, `target_modules`) for adapters the callback
             injects at setup; `None` injects none (recovery then trains what the module's optimizer
@@ -284,11 +285,14 @@ class RKUPruning(Callback):
         target = self._start_sparsity + (self.target_sparsity - self._start_sparsity) * progress
         start = time.perf_counter()
         self.pruner.reset()
-        self.pruner.calibrate(self._calibration_batches(trainer, pl_module))
+        batches, source = self._calibration_batches(trainer, pl_module)
+        self.pruner.calibrate(batches)
         self.pruner.stats.all_reduce_()
         report = self.pruner.prune(target)
         self._check_masks_agree(trainer, pl_module)
         self._current = {**self._structure_record(self.round, report), "time_calibrate_prune_s": time.perf_counter() - start}
+        if source is not None:
+            self._current["calibration"] = dict(source)
         self._log_prune(trainer, report)
         self.phase = "recover"
         reset_peak_memory(pl_module.device)
@@ -451,20 +455,22 @@ class RKUPruning(Callback):
             checkpoint.setdefault(PLANS_KEY, {})[self.model_attr] = plan
 
     # -- calibration data and DDP agreement ------------------------------------------------------
-    def _calibration_batches(self, trainer: Trainer, pl_module: LightningModule) -> list[dict]:
-        """This rank's share of the first `calibration_batches` batches."""
+    def _calibration_batches(self, trainer: Trainer, pl_module: LightningModule) -> tuple[list[dict], dict | None]:
+        """This rank's share of the first `calibration_batches` batches, and what they were built from when their
+        maker says so (its `calibration_info` after the call: e.g. how many of the current model's traces were right)."""
         rank, world = trainer.global_rank, trainer.world_size
         for holder in (trainer.datamodule, pl_module):
             make = getattr(holder, "calibration_dataloader", None)
             if callable(make):
-                return self._checked(_take(make(), range(rank, self._calibration, world)), rank, world)
+                batches = self._checked(_take(make(), range(rank, self._calibration, world)), rank, world)
+                return batches, getattr(holder, "calibration_info", None)
         loader = trainer.train_dataloader
         if isinstance(loader, (list, tuple, dict)):
             raise ValueError(
                 "RKUPruning: several train loaders; give the datamodule a calibration_dataloader() to calibrate on"
             )
         # Lightning already shards the train loader across ranks: take this rank's count from its own shard.
-        return self._checked(_take(loader, range(len(range(rank, self._calibration, world)))), rank, world)
+        return self._checked(_take(loader, range(len(range(rank, self._calibration, world)))), rank, world), None
 
     def _checked(self, batches: list[dict], rank: int, world: int) -> list[dict]:
         expected = len(range(rank, self._calibration, world))

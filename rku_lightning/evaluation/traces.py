@@ -162,10 +162,18 @@ def cached_traces(
         "path": str(path),
         "hit": hit,
         "seconds": round(time.perf_counter() - started, 2),
-        "traces": len(traces),
-        "correct": sum(t.correct for t in traces),
+        **trace_counts(traces, max_new_tokens),
     }
     return traces, record
+
+
+def trace_counts(traces: Sequence[Trace], max_new_tokens: int) -> dict[str, int]:
+    """How many traces, how many end in the right answer, how many the token budget stopped (no final answer)."""
+    return {
+        "traces": len(traces),
+        "correct": sum(t.correct for t in traces),
+        "stopped": sum(t.tokens >= max_new_tokens for t in traces),
+    }
 
 
 def as_problems(traces: Sequence[Trace], keep: TraceFilter = "all") -> list[Problem]:

@@ -2,7 +2,8 @@
 
 A record is one round (round 0: the dense model when it was evaluated) as `RKUPruning` builds it:
 sparsity, parameter count, KV-cache bytes per token, per-layer kept structures, wall time of each
-phase and the validation metrics. Files are written through a temporary name and renamed, so a
+phase, the validation metrics and, when the calibration data said, what it was built from (`calibration`:
+how many of the traces it was cut from were right, how many the token budget stopped). Files are written through a temporary name and renamed, so a
 report being read while a run goes on is never half-written.
 """
 
@@ -59,11 +60,19 @@ def _cell(value: float | None, digits: int = 4) -> str:
     return f"{value:.{digits}f}"
 
 
+def _traces_cell(calibration: dict | None) -> str:
+    if not calibration or "traces" not in calibration:
+        return "–"
+    return f"{calibration['correct']}/{calibration['traces']} right, {calibration['stopped']} cut"
+
+
 def markdown_table(records: Sequence[dict]) -> str:
-    """One row per round: sparsity, size, KV cache, metrics, phase times."""
+    """One row per round: sparsity, size, KV cache, metrics, phase times (and calibration traces, if any)."""
     metrics = metric_names(records)
+    traced = any("traces" in r.get("calibration", {}) for r in records)
     header = ["round", "target", "sparsity", "params", "KV bytes/token"]
     header += [METRIC_LABELS.get(m, m) for m in metrics] + [label for _, label in PHASE_TIMES] + ["recover peak GiB"]
+    header += ["calibration traces"] if traced else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
         row = [str(r["round"]), f"{r['target_sparsity']:.3f}", f"{r['sparsity']:.3f}", f"{r['params']:,}"]
@@ -72,6 +81,7 @@ def markdown_table(records: Sequence[dict]) -> str:
         row += [_cell(r.get(key), 2 if key == "time_per_step_s" else 1) for key, _ in PHASE_TIMES]
         peak = r.get("recover_peak_memory_bytes")
         row.append(_cell(peak / 2**30, 2) if peak else "–")
+        row += [_traces_cell(r.get("calibration"))] if traced else []
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
