@@ -141,6 +141,7 @@ def run_summary(cli: RKUCLI, seconds: float) -> dict | None:
     summary = summarize(
         pruning.records, sets, speed, seconds, str(pruning.export_dir) if pruning.export_dir else None,
         str(pruning.report_dir) if pruning.report_dir else None, pruning.phase == "done", pruning.settings.allocation,
+        data.trace_records,
     )
     if pruning.report_dir is not None:
         write_summary(summary, pruning.report_dir)

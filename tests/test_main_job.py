@@ -58,6 +58,9 @@ def check_outputs(out: Path, printed: str) -> dict:
     assert summary["kl_to_dense"]["0"] == pytest.approx(0, abs=1e-6) and summary["kl_to_dense"]["1"] > 0
     decode = summary["decode"]
     assert decode["dense_tokens_per_s"] > 0 and decode["speedup"] == pytest.approx(decode["pruned_tokens_per_s"] / decode["dense_tokens_per_s"])
+    references = summary["traces"]  # the dense model's answers that KL to dense is measured on
+    assert [t["for"] for t in references] == ["reference_traces"] and references[0]["traces"] == 2
+    assert "reference_traces: 2 dense traces" in printed
     assert summary["export_dir"] == str(out / "model") and str(out / "model") in printed and "report.md" in printed
     return summary
 
@@ -86,13 +89,16 @@ def test_the_summary_counts_answers_and_refuses_a_run_without_pruning():
                           "val/kl_to_dense": 0.1}}
     speed = {"dense": {"median": 10.0, "runs": [10.0, 9.0, 11.0]}, "pruned": {"median": 12.5, "runs": [12.5, 9.9, 15.4]},
              "settings": {"repeats": 3}}
-    summary = summarize([pruned, dense], {"val/gsm8k_acc": ("gsm8k", 8), "val/ood_acc": ("svamp", 4)}, speed, 75.0, "out/model", "out")
+    traces = [{"for": "train_source", "path": "t.json", "hit": True, "seconds": 0.1, "traces": 64, "correct": 15, "stopped": 23}]
+    summary = summarize([pruned, dense], {"val/gsm8k_acc": ("gsm8k", 8), "val/ood_acc": ("svamp", 4)}, speed, 75.0, "out/model", "out",
+                        traces=traces)
     assert summary["accuracy"] == {"gsm8k": {"questions": 8, "dense": 4, "pruned": 2, "cut": 6, "cut_dense": 2},
                                    "svamp": {"questions": 4, "dense": 1, "pruned": 1, "cut": None, "cut_dense": None}}
     assert summary["decode"]["speedup"] == pytest.approx(1.25) and summary["kl_to_dense"] == {0: 0.0, 1: 0.1}
     text = format_summary(summary)
     assert summary["decode"]["pair_speedups"] == pytest.approx([1.25, 1.1, 1.4])
     assert "gsm8k: 2/8 correct (dense 4/8); 6 cut at the token cap (dense 2)" in text and "svamp: 1/4 correct (dense 1/4)\n" in text
+    assert summary["traces"] == traces and "train_source: 64 dense traces, 15 right, 23 stopped at the token cap (cached)" in text
     assert "1.25x" in text and "3 interleaved pairs 1.10-1.40x" in text and "1 min 15 s" in text and "100 -> 80" not in text
     with pytest.raises(ValueError, match="pruned nothing"):
         summarize([dense], {}, None, 1.0, None, None)

@@ -44,7 +44,8 @@ def _run(root: Path, out: Path, ckpt_path=None):
 def test_kd_on_self_traces_resumes_exactly_and_keeps_no_teacher(tmp_path):
     write_config(tmp_path)
     full, full_module, full_data = _run(tmp_path, tmp_path / "full")
-    assert [r["hit"] for r in full_data.trace_records] == [False, False, False]  # calibration, train, references
+    assert [(r["for"], r["hit"]) for r in full_data.trace_records] == [
+        ("calibration_source", False), ("train_source", False), ("reference_traces", False)]
     calibration = {k: full_data.trace_records[0][k] for k in ("traces", "correct", "stopped")}
     assert [r["calibration"] for r in full.records] == [{"source": "self", "keep": "all", **calibration}] * 2
     # Recovery data are the dense model's traces, not the gold solutions.

@@ -244,7 +244,7 @@ class ReasoningDataModule(LightningDataModule):
         self.calibration_problems: list[Problem] = []
         self.val_set: Dataset | None = None
         self.ood_set: Dataset | None = None
-        #: Each trace lookup of this run (key, cache path, hit, seconds, counts), for its report.
+        #: Each dense-trace lookup of this run (what for, cache path, hit, seconds, counts), for its summary.
         self.trace_records: list[dict] = []
         #: What the last `calibration_dataloader()` built its batches from (source; trace counts for `self` and
         #: `current`): `RKUPruning` keeps it in the round's record, so a report shows how right the traces were.
@@ -325,7 +325,7 @@ class ReasoningDataModule(LightningDataModule):
             model, self.tokenizer, problems, self.hparams.trace_max_new_tokens, self.hparams.eval_batch_size,
             self.hparams.trace_cache, progress=rank == 0, rank=rank, world_size=world, gather=_gather_objects,
         )
-        self.trace_records.append({k: v for k, v in record.items() if k != "key"})
+        self.trace_records.append({"for": field or "reference_traces", **{k: v for k, v in record.items() if k != "key"}})
         cap = self.hparams.trace_max_new_tokens
         if field is not None and (stopped := trace_counts(traces, cap)["stopped"]):
             warnings.warn(

@@ -25,8 +25,11 @@ def summarize(
     report_dir: str | None,
     reached_target: bool = True,
     allocation: str | None = None,
+    traces: Sequence[dict] = (),
 ) -> dict:
-    """The numbers of the summary. `set_sizes`: {accuracy metric: (data-set name, questions)}."""
+    """The numbers of the summary. `set_sizes`: {accuracy metric: (data-set name, questions)}; `traces`: the data
+    module's dense-trace lookups (`ReasoningDataModule.trace_records`), since how many of the traces a run learns
+    from are right, or unfinished, bounds what it can learn."""
     rounds = sorted(records, key=lambda r: r["round"])
     if not rounds or rounds[-1]["round"] == 0:
         raise ValueError("summarize: no pruned round in the records (the run pruned nothing)")
@@ -63,6 +66,7 @@ def summarize(
         "export_dir": export_dir,
         "report_dir": report_dir,
         "allocation": allocation,
+        "traces": [dict(t) for t in traces],
     }
 
 
@@ -93,6 +97,9 @@ def format_summary(summary: dict) -> str:
     if summary["kl_to_dense"]:
         last = max(summary["kl_to_dense"])
         lines.append(f"           KL to the dense model {summary['kl_to_dense'][last]:.3f} nats/token on its own answers")
+    for t in summary.get("traces", []):
+        lines.append(f"  traces   {t['for']}: {t['traces']} dense traces, {t['correct']} right, {t['stopped']} stopped at the "
+                     f"token cap ({'cached' if t['hit'] else 'generated'})")
     if summary["decode"] is not None:
         d = summary["decode"]
         lines.append(
