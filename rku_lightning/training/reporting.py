@@ -2,9 +2,10 @@
 
 A record is one round (round 0: the dense model when it was evaluated) as `RKUPruning` builds it:
 sparsity, parameter count, KV-cache bytes per token, per-layer kept structures, wall time of each
-phase, the validation metrics and, when the calibration data said, what it was built from (`calibration`:
-how many of the traces it was cut from were right, how many the token budget stopped). Files are written through a temporary name and renamed, so a
-report being read while a run goes on is never half-written.
+phase, the validation metrics and, when the calibration data said, what it was built from
+(`calibration`: how many of its traces were right, how many the token budget stopped). Files are
+written through a temporary name and renamed, so a report being read while a run goes on is never
+half-written.
 """
 
 from __future__ import annotations
