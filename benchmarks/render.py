@@ -6,7 +6,6 @@ paired bootstrap on the same questions, so a reader can tell a real gap from noi
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import random
@@ -731,6 +730,42 @@ RECOVER_PANELS = {
 }
 
 
+def recover_plot_groups(rows: list[dict]) -> dict[str, list[dict]]:
+    """Runs by the preset they repeat (seeds together), in first-seen order: one row of panels each, since runs
+    are compared only within a preset and one panel holding every run was a tangle once there were fifty."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[preset_seed(r["preset"])[0]].append(r)
+    return dict(groups)
+
+
+def _plot_recover_rounds(rows: list[dict], panels: list[str], plot_path: Path) -> None:
+    """Validation metrics per round: a row of panels per preset, colour per method, line style per seed."""
+    groups = recover_plot_groups(rows)
+    columns = max(len(panels), 1)
+    fig, axes = plt.subplots(len(groups), columns, figsize=(5 * columns, 3 * len(groups)), squeeze=False)
+    colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
+    styles = ("-", "--", ":", "-.")
+    for axes_row, (preset, runs) in zip(axes, groups.items()):
+        for r in sorted(runs, key=lambda r: (r["method"], preset_seed(r["preset"])[1])):
+            seed = preset_seed(r["preset"])[1]
+            for ax, metric in zip(axes_row, panels):
+                points = [(x["sparsity"], x["metrics"][metric]) for x in r["report"]["rounds"] if metric in x.get("metrics", {})]
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=f"{r['method']}, seed {seed}", color=colours[r["method"]],
+                            linestyle=styles[seed % len(styles)], linewidth=2.5 if r["method"] == "rku" else 1.2)
+        for ax, metric in zip(axes_row, panels):
+            ax.set_title(f"{preset}: {RECOVER_PANELS[metric]}", fontsize=9)
+            ax.grid(alpha=0.3)
+        if axes_row[0].get_legend_handles_labels()[0]:
+            axes_row[0].legend(fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("decoder sparsity after the round's recovery")
+    fig.tight_layout()
+    fig.savefig(plot_path, dpi=80)
+    plt.close(fig)
+
+
 def recover_section(rows: list[dict], plot_path: Path) -> list[str]:
     """Every round of each prune-and-recover run (train.py), one table per method, and metrics per round.
 
@@ -739,35 +774,14 @@ def recover_section(rows: list[dict], plot_path: Path) -> list[str]:
     """
     lines = ["## Prune and recover (`train.py`, LoRA recovery between rounds)", ""]
     panels = [m for m in RECOVER_PANELS if any(m in x.get("metrics", {}) for r in rows for x in r["report"]["rounds"])]
-    rows_of_legend = math.ceil(len(rows) / 3)
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.5 * max(len(panels), 1), 4 + 0.18 * rows_of_legend), squeeze=False)
-    # One colour per method and one line style per preset, the same in every panel.
-    colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
-    styles = {p: s for p, s in zip(dict.fromkeys(r["preset"] for r in rows), itertools.cycle(("-", "--", ":", "-.")))}
     for r in rows:
-        records = r["report"]["rounds"]
         lines += [f"**{r['row_id']}**: `{r['train_command']}` ({_recover_time(r)}, commit {r['commit'][:7]})", "",
-                  markdown_table(records), ""]
-        for ax, metric in zip(axes[0], panels):
-            points = [(x["sparsity"], x["metrics"][metric]) for x in records if metric in x.get("metrics", {})]
-            if points:
-                ax.plot(*zip(*points), marker="o", label=r["row_id"], color=colours[r["method"]],
-                        linestyle=styles[r["preset"]], linewidth=2.5 if r["method"] == "rku" else 1.2)
+                  markdown_table(r["report"]["rounds"]), ""]
     for preset in dict.fromkeys(r["preset"] for r in rows if "final" in r):
         lines += _recover_final_table([r for r in rows if "final" in r and r["preset"] == preset])
     lines += _recover_answers_table(rows)
-    for ax, metric in zip(axes[0], panels):
-        ax.set_xlabel("decoder sparsity after the round's recovery")
-        ax.set_ylabel(RECOVER_PANELS[metric])
-        ax.grid(alpha=0.3)
-    # One legend for all panels, below them: a legend per panel covered the lines once there were a dozen runs.
-    handles = {label: line for ax in axes[0] for line, label in zip(*ax.get_legend_handles_labels())}
-    if handles:
-        fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.18 * rows_of_legend / fig.get_figheight(), 1, 1))  # the legend's share of the height
-    fig.savefig(plot_path, dpi=110)
-    plt.close(fig)
-    return lines + [f"![Validation metrics per round](results/{plot_path.name})", ""]
+    _plot_recover_rounds(rows, panels, plot_path)
+    return lines + [f"![Validation metrics per round, a row per preset](results/{plot_path.name})", ""]
 
 
 def recover_layer_profiles(rows: list[dict]) -> dict[str, dict[str, list[float]]]:

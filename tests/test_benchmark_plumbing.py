@@ -238,6 +238,21 @@ def test_recovered_layer_widths_are_drawn_only_for_presets_that_do_not_keep_ever
     assert render.recover_layers_section(rows[2:], tmp_path / "none.png") == [] and not (tmp_path / "none.png").exists()
 
 
+def test_the_rounds_plot_has_a_row_per_preset_with_its_seeds_together(tmp_path):
+    def row(method: str, preset: str) -> dict:
+        rounds = [{"sparsity": s, "metrics": {"val/cot_nll": 1.0 + s}} for s in (0.2, 0.4)]
+        return {"method": method, "preset": preset, "report": {"rounds": rounds}}
+
+    rows = [row("rku", "u"), row("flap", "u-seed1"), row("rku", "u-seed1"), row("rku", "g"), row("flap", "u-30")]
+    groups = render.recover_plot_groups(rows)
+    assert list(groups) == ["u", "g", "u-30"] and [r["preset"] for r in groups["u"]] == ["u", "u-seed1", "u-seed1"]
+    render._plot_recover_rounds(rows, ["val/cot_nll"], tmp_path / "rounds.png")
+    import matplotlib.image
+
+    height, width = matplotlib.image.imread(tmp_path / "rounds.png").shape[:2]
+    assert height > 1.5 * width  # three rows of one panel each (one row would be wider than tall)
+
+
 def test_a_preset_that_changes_only_what_is_pruned_is_paired_with_every_run_of_its_reference(monkeypatch):
     """The global MLP-only KD run against the uniform KD runs of RKU and FLAP, on the same questions only."""
     monkeypatch.setattr(render, "REFERENCES", {"g": "u"})
