@@ -769,8 +769,8 @@ def _plot_recover_rounds(rows: list[dict], panels: list[str], plot_path: Path) -
 def recover_section(rows: list[dict], plot_path: Path) -> list[str]:
     """Every round of each prune-and-recover run (train.py), one table per method, and metrics per round.
 
-    Runs are compared only within a preset (same config and overrides); the plot has one panel per
-    validation metric that any run logged (CoT NLL always, GSM8K and OOD accuracy when generating).
+    Runs are compared only within a preset (same config and overrides); the plot has a row per preset and a
+    column per validation metric that any run logged (CoT NLL always, GSM8K and OOD accuracy when generating).
     """
     lines = ["## Prune and recover (`train.py`, LoRA recovery between rounds)", ""]
     panels = [m for m in RECOVER_PANELS if any(m in x.get("metrics", {}) for r in rows for x in r["report"]["rounds"])]
