@@ -97,7 +97,7 @@ def format_summary(summary: dict) -> str:
     if summary["kl_to_dense"]:
         last = max(summary["kl_to_dense"])
         lines.append(f"           KL to the dense model {summary['kl_to_dense'][last]:.3f} nats/token on its own answers")
-    for t in summary.get("traces", []):
+    for t in summary["traces"]:
         lines.append(f"  traces   {t['for']}: {t['traces']} dense traces, {t['correct']} right, {t['stopped']} stopped at the "
                      f"token cap ({'cached' if t['hit'] else 'generated'})")
     if summary["decode"] is not None:
