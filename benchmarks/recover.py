@@ -126,6 +126,13 @@ PRESETS["cpu-uniform-L640-steps48"] = with_option(PRESETS["cpu-uniform-L640"], "
 #: RESP's calibration (docs/method.md, "Calibration source"): each round scores on traces the model writes as it is then,
 #: pruned and recovered so far, instead of the dense model's; recovery stays KD on the dense model's traces.
 PRESETS["cpu-uniform-kd-current-L640"] = with_option(PRESETS["cpu-uniform-kd-self-L640"], "--data.calibration_source=current")
+#: Only the dense model's right traces (`trace_keep=correct`), for calibration and for recovery: most of its traces are
+#: wrong (12-15 of 64), and KD on them teaches its mistakes. 160 questions give about 30 right traces for 64 training
+#: sequences; calibration samples the same 160 (one cached trace set) and takes its first 16 right ones.
+PRESETS["cpu-uniform-kd-correct-L640"] = functools.reduce(
+    with_option, ["--data.trace_keep=correct", "--data.trace_samples=160", "--data.calibration_samples=160"],
+    PRESETS["cpu-uniform-kd-self-L640"],
+)
 
 #: The presets each KD preset is compared with in RESULTS.md, best pair first: the same budget and questions with
 #: gold-text CE (for L640, in the same window if that method was run so, else in the default one).
@@ -146,6 +153,7 @@ BASELINES: dict[str, tuple[str, ...]] = {
 REFERENCES: dict[str, str] = {
     "cpu-uniform-L640-steps48": "cpu-uniform-L640",
     "cpu-uniform-kd-current-L640": "cpu-uniform-kd-self-L640",
+    "cpu-uniform-kd-correct-L640": "cpu-uniform-kd-self-L640",
     "cpu-global-mlp-kd-self-L640": "cpu-uniform-kd-self-L640",
     "cpu-global-mlp-L640": "cpu-uniform-L640",
     "gpu-global-mlp-kd-self": "gpu-kd-self",

@@ -184,6 +184,11 @@ def test_learning_from_cut_text_warns_naming_the_option_to_raise(tmp_path):
     with pytest.warns(UserWarning, match=r"train_source: 4 of 4 dense traces stopped at trace_max_new_tokens=1"):
         setup(data / "gsm8k", train_source="self", trace_samples=4, trace_max_new_tokens=1, max_length=320)
     with warnings.catch_warnings():
+        warnings.simplefilter("error")  # keeping only right traces drops the stopped ones: no advice to do so
+        with pytest.raises(ValueError, match="trace_keep"):  # and none of a random model's 1-token traces is right
+            setup(data / "gsm8k", train_source="self", trace_samples=4, trace_max_new_tokens=1, max_length=320,
+                  trace_keep="correct")
+    with warnings.catch_warnings():
         warnings.simplefilter("error")  # long enough: no warning
         whole = setup(long, max_length=400)
     longest = max(p + s for p, s in solution_lengths(whole.tokenizer, whole.train_problems))

@@ -318,7 +318,7 @@ class ReasoningDataModule(LightningDataModule):
     def _dense_traces(self, problems: Sequence[Problem], field: str | None = None) -> list[Trace]:
         """The dense model's cached traces for `problems` (each rank generates its shard on a miss). Traces to
         learn from (`field` names their option) get a warning when the trace cap stopped some before their
-        final answer; KL references may be prefixes on purpose."""
+        final answer, unless `trace_keep="correct"` drops those anyway; KL references may be prefixes on purpose."""
         model, trainer = self._generator()
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         traces, record = cached_traces(
@@ -327,7 +327,7 @@ class ReasoningDataModule(LightningDataModule):
         )
         self.trace_records.append({"for": field or "reference_traces", **{k: v for k, v in record.items() if k != "key"}})
         cap = self.hparams.trace_max_new_tokens
-        if field is not None and (stopped := trace_counts(traces, cap)["stopped"]):
+        if field is not None and self.hparams.trace_keep == "all" and (stopped := trace_counts(traces, cap)["stopped"]):
             warnings.warn(
                 f"{field}: {stopped} of {len(traces)} dense traces stopped at trace_max_new_tokens={cap}, before their "
                 "final answer; raise trace_max_new_tokens (or keep only finished ones with trace_keep='correct')"
