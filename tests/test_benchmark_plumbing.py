@@ -328,10 +328,11 @@ def test_a_preset_paired_with_a_reference_preset_changes_one_thing_from_it():
     for preset, reference in recover.REFERENCES.items():
         changed = {o.split("=", 1)[0] for o in set(recover.PRESETS[preset]) ^ set(recover.PRESETS[reference])}
         assert changed in one_thing, (preset, reference, changed)
-    for preset, option in (("cpu-uniform-L640-steps48", "--pruning.recovery_steps=48"),
-                           ("cpu-uniform-kd-current-L640", "--data.calibration_source=current")):
-        assert set(recover.PRESETS[preset]) - set(recover.PRESETS[recover.REFERENCES[preset]]) == {option}
-    assert "--data.trace_keep=correct" in recover.PRESETS["cpu-uniform-kd-correct-L640"]
+    for preset, options in (("cpu-uniform-L640-steps48", {"--pruning.recovery_steps=48"}),
+                            ("cpu-uniform-kd-current-L640", {"--data.calibration_source=current"}),
+                            ("cpu-uniform-kd-correct-L640", {"--data.trace_keep=correct", "--data.trace_samples=160",
+                                                             "--data.calibration_samples=160"})):
+        assert set(recover.PRESETS[preset]) - set(recover.PRESETS[recover.REFERENCES[preset]]) == options
 
 
 def test_a_seeded_preset_repeats_its_preset_under_another_seed_and_its_pairs_are_summed_over_seeds(monkeypatch):
