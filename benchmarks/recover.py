@@ -123,6 +123,12 @@ PRESETS: dict[str, list[str]] = {
 #: The recovery budget alone: `cpu-uniform-L640` with three times the LoRA steps per round (and so three times the
 #: training questions). Is the CPU budget what keeps RKU below the goal?
 PRESETS["cpu-uniform-L640-steps48"] = with_option(PRESETS["cpu-uniform-L640"], "--pruning.recovery_steps=48")
+#: The same question for KD: `cpu-uniform-kd-self-L640` with twice the LoRA steps per round and twice the dense traces,
+#: so that each step still learns from a new question (one pass of 2 rounds x 32 steps x 2 over 128). The calibration
+#: sample (16 of the same questions) and so round 1's pruning stay as they were.
+PRESETS["cpu-uniform-kd-self-L640-steps32"] = functools.reduce(
+    with_option, ["--pruning.recovery_steps=32", "--data.trace_samples=128"], PRESETS["cpu-uniform-kd-self-L640"]
+)
 #: RESP's calibration (docs/method.md, "Calibration source"): each round scores on traces the model writes as it is then,
 #: pruned and recovered so far, instead of the dense model's; recovery stays KD on the dense model's traces.
 PRESETS["cpu-uniform-kd-current-L640"] = with_option(PRESETS["cpu-uniform-kd-self-L640"], "--data.calibration_source=current")
@@ -152,6 +158,7 @@ BASELINES: dict[str, tuple[str, ...]] = {
 #: the recovery budget, the same pruning, recovery and questions with the CPU budget's steps.
 REFERENCES: dict[str, str] = {
     "cpu-uniform-L640-steps48": "cpu-uniform-L640",
+    "cpu-uniform-kd-self-L640-steps32": "cpu-uniform-kd-self-L640",
     "cpu-uniform-kd-current-L640": "cpu-uniform-kd-self-L640",
     "cpu-uniform-kd-correct-L640": "cpu-uniform-kd-self-L640",
     "cpu-global-mlp-kd-self-L640": "cpu-uniform-kd-self-L640",

@@ -321,14 +321,15 @@ def test_every_kd_run_is_set_against_its_gold_ce_baseline_and_the_gaps_are_summe
 def test_a_preset_paired_with_a_reference_preset_changes_one_thing_from_it():
     """RESULTS.md reads a gap to the reference preset's runs as the effect of one change: what is pruned (the
     allocation, or the text the scores are calibrated on), which traces are kept (with the questions it takes to keep
-    enough) or the recovery budget, never two and never anything else."""
+    enough) or the recovery budget (for KD with the dense traces its steps take), never two and never anything else."""
     which_traces = {"--data.trace_keep", "--data.trace_samples", "--data.calibration_samples"}
     one_thing = ({"--pruning.allocation", "--pruning.attention"}, {"--data.calibration_source"}, which_traces,
-                 {"--pruning.recovery_steps"})
+                 {"--pruning.recovery_steps"}, {"--pruning.recovery_steps", "--data.trace_samples"})
     for preset, reference in recover.REFERENCES.items():
         changed = {o.split("=", 1)[0] for o in set(recover.PRESETS[preset]) ^ set(recover.PRESETS[reference])}
         assert changed in one_thing, (preset, reference, changed)
     for preset, options in (("cpu-uniform-L640-steps48", {"--pruning.recovery_steps=48"}),
+                            ("cpu-uniform-kd-self-L640-steps32", {"--pruning.recovery_steps=32", "--data.trace_samples=128"}),
                             ("cpu-uniform-kd-current-L640", {"--data.calibration_source=current"}),
                             ("cpu-uniform-kd-correct-L640", {"--data.trace_keep=correct", "--data.trace_samples=160",
                                                              "--data.calibration_samples=160"})):
