@@ -125,7 +125,7 @@ PRESETS: dict[str, list[str]] = {
 PRESETS["cpu-uniform-L640-steps48"] = with_option(PRESETS["cpu-uniform-L640"], "--pruning.recovery_steps=48")
 #: The same question for KD: `cpu-uniform-kd-self-L640` with twice the LoRA steps per round and twice the dense traces,
 #: so that each step still learns from a new question (one pass of 2 rounds x 32 steps x 2 over 128). The calibration
-#: sample (16 of the same questions) and so round 1's pruning stay as they were.
+#: sample (16 traces) is the same; the training order over the larger set is not.
 PRESETS["cpu-uniform-kd-self-L640-steps32"] = functools.reduce(
     with_option, ["--pruning.recovery_steps=32", "--data.trace_samples=128"], PRESETS["cpu-uniform-kd-self-L640"]
 )
