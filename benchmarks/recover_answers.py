@@ -96,13 +96,18 @@ def _final_answers(method: str, preset: str) -> tuple[int, list[dict]]:
     return last, [a for a in answers if a["round"] == last]
 
 
-def validation_sources(run: Path) -> dict[str, dict]:
-    """How to load a run's validation questions, per kept-answers task (`load_problems` arguments), from the
-    config `train.py` saved in the run folder, read as the data module reads it."""
+def saved_config(run: Path) -> dict:
+    """The config `train.py` saved in a run folder: the only record of which questions the run validated on."""
     found = sorted(run.glob("**/config.yaml"))
     if not found:
         raise FileNotFoundError(f"{run}: no saved config.yaml; the run's questions are unknown (rerun the row)")
-    data = yaml.safe_load(found[0].read_text())["data"]
+    return yaml.safe_load(found[0].read_text())
+
+
+def validation_sources(run: Path) -> dict[str, dict]:
+    """How to load a run's validation questions, per kept-answers task (`load_problems` arguments), from its
+    saved config, read as the data module reads it."""
+    data = saved_config(run)["data"]
     return {
         task: {"source": task_source(data[f"{prefix}_data"], data[f"{prefix}_task"]), "task": data[f"{prefix}_task"],
                "split": data[f"{prefix}_split"], **((data.get("ood_fields") or {}) if prefix == "ood" else {})}

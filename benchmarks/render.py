@@ -870,6 +870,49 @@ def _pair_label(row: dict, other: dict) -> str:
     return f"{row['method']} (`{row['preset']}`) − {other['method']} (`{other['preset']}`)"
 
 
+#: `benchmarks.recover_kl`'s token classes: (label, per-question KL column, its token column).
+KL_CLASSES = (("all", "kl_sum", "tokens"), ("arithmetic", "kl_sum_reasoning", "tokens_reasoning"), ("other", "kl_sum_other", "tokens_other"))
+
+
+def _kl_gap_cells(row: dict, other: dict, text: str) -> list[str]:
+    """Paired per-token KL gaps on one text set, per token class; none where a question has no token of the class
+    (a resample of only those would have no mean)."""
+    a, b = row[text]["per_question"], other[text]["per_question"]
+    if a["index"] != b["index"]:
+        return ["(other questions)"] * len(KL_CLASSES)
+    return [_format_gap(paired_nll_gap(a, b, total=total, count=count), 3) if min(a[count]) > 0 and min(b[count]) > 0 else "—"
+            for _, total, count in KL_CLASSES]
+
+
+def recover_kl_section(rows: list[dict]) -> list[str]:
+    """Recovered models' KL to dense split into arithmetic and other tokens (`benchmarks.recover_kl`), with paired
+    gaps between the runs `_paired_runs` pairs."""
+    texts = (("dense", "dense answers"), ("gold", "gold text"))
+    lines = [
+        "## Where recovered models drift: KL to dense on the arithmetic tokens", "",
+        "KL(dense || model) per token, teacher-forced on a row's validation questions, over all tokens, the arithmetic "
+        "ones (numbers, `=`, operators: the CoT NLL's reasoning class) and the rest; `logged` is the row's own last "
+        "value, which the export must reproduce.", "",
+        "| row | " + " | ".join(f"{label}: {c}" for _, label in texts for c, _, _ in KL_CLASSES)
+        + " | arithmetic share of tokens / of KL (dense answers) | logged |",
+        "|---|" + "---|" * (2 * len(KL_CLASSES) + 2),
+    ]
+    for row in rows:
+        dense = row["dense"]
+        cells = [_fmt(row[text][key]) for text, _ in texts for key in ("kl", "kl_reasoning", "kl_other")]
+        check = "" if row["reproduces"] else " (**not reproduced**)"
+        lines.append(f"| {row['row_id']} | " + " | ".join(cells) + f" | {dense['reasoning_token_share']:.0%} / "
+                     f"{dense['reasoning_kl_share']:.0%} | {dense['logged']:.3f}{check} |")
+    pairs = [(row, other) for row in rows for other in _paired_runs(rows, row)]
+    if pairs:
+        lines += ["", "Paired gaps, questions resampled (95 % interval):", "",
+                  "| pair | " + " | ".join(f"{label}: {c}" for _, label in texts for c, _, _ in KL_CLASSES) + " |",
+                  "|---|" + "---|" * (2 * len(KL_CLASSES))]
+        lines += [f"| {_pair_label(row, other)} | " + " | ".join(cell for text, _ in texts for cell in _kl_gap_cells(row, other, text))
+                  + " |" for row, other in pairs]
+    return lines + [""]
+
+
 def _recover_answers_table(rows: list[dict]) -> list[str]:
     """Accuracy per round from the kept answers, with paired gaps to the RKU run `_rku_run` pairs it with and to the
     same method's run of the preset's gold-CE baseline (`benchmarks.recover.BASELINES`), per task and both together."""
@@ -1221,6 +1264,8 @@ def render() -> Path:
         lines += questions_section(more, rows)
         lines += recover_seeds_section(more)
         lines += recovery_loss_section(more)
+    if drift := load_rows("recover_kl"):
+        lines += recover_kl_section(drift)
     if efficiency := load_rows("efficiency"):
         lines += efficiency_section(efficiency)
     if llama_cpp := load_rows("llama_cpp"):
