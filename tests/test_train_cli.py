@@ -195,6 +195,32 @@ def test_arithmetic_steps_are_logged_when_answers_write_them(tmp_path):
     assert set(module._set_values(False)) == {"val/ood_acc", "val/ood_truncated"}
 
 
+def test_kl_on_arithmetic_tokens_is_the_evaluation_split(tmp_path):
+    """`val/kl_to_dense_reasoning` is `kl_per_problem`'s arithmetic-token KL: runs and benchmarks measure one thing."""
+    from rku_lightning.evaluation.data import load_problems
+    from rku_lightning.evaluation.evaluate import kl_per_problem
+    from rku_lightning.training.datamodule import _collate_solutions, _SolutionSet
+    from rku_lightning.training.lightning_module import CausalLMPruningModule
+
+    write_config(tmp_path)
+    module = CausalLMPruningModule(pretrained=str(tmp_path / "tiny"), max_new_tokens=2, generate=False)
+    torch.manual_seed(0)
+    with torch.no_grad():  # drift from the frozen dense copy
+        for weight in module.model.parameters():
+            weight.add_(0.05 * torch.randn_like(weight))
+    problems = load_problems(str(tmp_path / "data" / "gsm8k"), "gsm8k", split="test", limit=3)
+    # Gold text as the reference answers: unlike a tiny random model's own answers, it has arithmetic tokens.
+    items = _SolutionSet(module.tokenizer, problems, 320, {p.index: p for p in problems})
+    module.validation_step(_collate_solutions(module.tokenizer.pad_token_id)([items[i] for i in range(3)]), 0)
+    values = module._set_values(True)
+    rows = kl_per_problem(module.model, module.teacher.model, module.tokenizer, problems, batch_size=1, max_length=320, progress=False)
+    overall = sum(r["kl_sum"] for r in rows) / sum(r["tokens"] for r in rows)
+    arithmetic = sum(r["kl_sum_reasoning"] for r in rows) / sum(r["tokens_reasoning"] for r in rows)
+    assert values["val/kl_to_dense"].item() == pytest.approx(overall, rel=1e-4)
+    assert values["val/kl_to_dense_reasoning"].item() == pytest.approx(arithmetic, rel=1e-4)
+    assert abs(arithmetic - overall) > 1e-3 * overall  # a different mean, not the overall one again
+
+
 @pytest.mark.parametrize("generate", [True, False])
 def test_validation_without_generation_measures_nll_only(tmp_path, generate):
     """`model.generate: false` is the cheap per-round check: CoT NLL, no answers and so no accuracy.

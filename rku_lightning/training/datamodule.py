@@ -154,7 +154,7 @@ class _SolutionSet(Dataset):
         return self.items[index]
 
 
-REFERENCE_KEYS = ("input_ids", "attention_mask", "labels")
+REFERENCE_KEYS = ("input_ids", "attention_mask", "labels", "reasoning_mask")
 
 
 def _collate_solutions(pad_token_id: int) -> Callable[[Sequence[dict]], dict[str, Any]]:

@@ -8,8 +8,9 @@ injected) with AdamW; and validates with the reasoning metrics: greedy-answer ac
 in-distribution set (dataloader 0), teacher-forced CoT NLL split into reasoning/other tokens on the
 same set, greedy-answer accuracy on an out-of-distribution set (dataloader 1, optional) and, with
 `kl_to_dense`, the teacher-forced KL(dense || model) per token on the dense model's own answers
-(`val/kl_to_dense`, when the validation batches carry them) and on the gold solutions
-(`val/kl_to_dense_gold`): the fidelity metric that recovery cannot game by learning a format.
+(`val/kl_to_dense`, when the validation batches carry them; `val/kl_to_dense_reasoning` on their
+arithmetic tokens only) and on the gold solutions (`val/kl_to_dense_gold`): the fidelity metric that
+recovery cannot game by learning a format.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torchmetrics import Metric
 from rku_lightning.callbacks.rku_pruning import restore_pruned_shapes
 from rku_lightning.checks import one_of, positive_int
 from rku_lightning.evaluation.generation import DEFAULT_MAX_NEW_TOKENS, generate_batch, stop_token_ids
-from rku_lightning.evaluation.metrics import ChainOfThoughtNLL, KLToReference, ReasoningAccuracy, score_answer
+from rku_lightning.evaluation.metrics import IGNORE_INDEX, ChainOfThoughtNLL, KLToReference, ReasoningAccuracy, score_answer
 from rku_lightning.loading import DTYPES, DTypeName, load_causal_lm
 
 from .distillation import RECOVERIES, Recovery, Teacher, check_distillation, distillation_loss
@@ -106,6 +107,9 @@ class CausalLMPruningModule(LightningModule):
         self.ood_accuracy = ReasoningAccuracy(max_new_tokens)
         self.cot_nll = ChainOfThoughtNLL()
         self.kl_to_dense = KLToReference()
+        #: The same KL on the arithmetic tokens of the dense answers only (numbers, `=`, operators: the CoT NLL's
+        #: reasoning class): a model can match the teacher's prose and drift on the few tokens that decide an answer.
+        self.kl_to_dense_reasoning = KLToReference()
         self.kl_to_dense_gold = KLToReference()
         self._eos: list[int] | None = None
         #: This validation epoch's answers, one dict per question (`RKUPruning` writes them per round).
@@ -154,8 +158,13 @@ class CausalLMPruningModule(LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
 
-    def _update_kl(self, metric: KLToReference, part: dict[str, torch.Tensor], logits: torch.Tensor) -> None:
-        metric.update(self._teacher_logits(part["input_ids"], part["attention_mask"]), logits, part["labels"])
+    def _update_kl(self, part: dict[str, torch.Tensor], logits: torch.Tensor, metric: KLToReference,
+                   reasoning: KLToReference | None = None) -> None:
+        """KL to the teacher over all of `part`'s labelled tokens, and over its reasoning tokens into `reasoning`."""
+        teacher = self._teacher_logits(part["input_ids"], part["attention_mask"])
+        metric.update(teacher, logits, part["labels"])
+        if reasoning is not None:
+            reasoning.update(teacher, logits, part["labels"].masked_fill(~part["reasoning_mask"], IGNORE_INDEX))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         in_distribution = dataloader_idx == IN_DISTRIBUTION
@@ -168,16 +177,16 @@ class CausalLMPruningModule(LightningModule):
                     logits = self(part["input_ids"], part["attention_mask"])
                 self.cot_nll.update(logits, part["labels"], part["reasoning_mask"])
                 if self.hparams.kl_to_dense:
-                    self._update_kl(self.kl_to_dense_gold, part, logits)
+                    self._update_kl(part, logits, self.kl_to_dense_gold)
                 del logits  # free this slice's logits before the next forward allocates its own
         if in_distribution and self.hparams.kl_to_dense and "ref_input_ids" in batch:
             size = len(batch["ref_input_ids"])
             step = self.hparams.nll_batch_size or size
             for start in range(0, size, step):
-                part = {k: batch[f"ref_{k}"][start : start + step] for k in ("input_ids", "attention_mask", "labels")}
+                part = {k: batch[f"ref_{k}"][start : start + step] for k in ("input_ids", "attention_mask", "labels", "reasoning_mask")}
                 with torch.no_grad():
                     logits = self(part["input_ids"], part["attention_mask"])
-                self._update_kl(self.kl_to_dense, part, logits)
+                self._update_kl(part, logits, self.kl_to_dense, self.kl_to_dense_reasoning)
                 del logits
         if not self.hparams.generate:
             return
@@ -212,7 +221,7 @@ class CausalLMPruningModule(LightningModule):
 
     def _set_metrics(self, in_distribution: bool) -> tuple[Metric, ...]:
         if in_distribution:
-            return self.gsm8k_accuracy, self.cot_nll, self.kl_to_dense, self.kl_to_dense_gold
+            return self.gsm8k_accuracy, self.cot_nll, self.kl_to_dense, self.kl_to_dense_reasoning, self.kl_to_dense_gold
         return (self.ood_accuracy,)
 
     def _set_values(self, in_distribution: bool) -> dict[str, torch.Tensor]:
@@ -230,9 +239,12 @@ class CausalLMPruningModule(LightningModule):
         if self.cot_nll.update_called:
             nll = self.cot_nll.compute()
             values.update({f"val/cot_{key}": nll[key] for key in ("nll", "nll_reasoning", "nll_other")})
-        for name, metric in (("val/kl_to_dense", self.kl_to_dense), ("val/kl_to_dense_gold", self.kl_to_dense_gold)):
-            if metric.update_called:
-                values[name] = metric.compute()
+        for name, metric in (("val/kl_to_dense", self.kl_to_dense), ("val/kl_to_dense_reasoning", self.kl_to_dense_reasoning),
+                             ("val/kl_to_dense_gold", self.kl_to_dense_gold)):
+            # Answers without arithmetic tokens leave the reasoning KL without a mean: NaN from the synced sums, so
+            # every rank skips it alike.
+            if metric.update_called and not torch.isnan(value := metric.compute()):
+                values[name] = value
         return values
 
     def _log_set(self, in_distribution: bool) -> None:

@@ -35,11 +35,12 @@ METRIC_LABELS: dict[str, str] = {
     "val/gsm8k_steps_right": "GSM8K steps right",
     "val/ood_steps_right": "OOD steps right",
     "val/kl_to_dense": "KL to dense",
+    "val/kl_to_dense_reasoning": "KL to dense reasoning",
     "val/kl_to_dense_gold": "KL to dense (gold)",
 }
 ACCURACY_METRICS = ("val/gsm8k_acc", "val/ood_acc")
 NLL_METRICS = ("val/cot_nll", "val/cot_nll_reasoning", "val/cot_nll_other")
-KL_METRICS = ("val/kl_to_dense", "val/kl_to_dense_gold")
+KL_METRICS = ("val/kl_to_dense", "val/kl_to_dense_reasoning", "val/kl_to_dense_gold")
 PHASE_TIMES = (
     ("time_calibrate_prune_s", "calibrate+prune s"),
     ("time_recover_s", "recover s"),
