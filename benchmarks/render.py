@@ -888,13 +888,13 @@ def recover_kl_section(rows: list[dict]) -> list[str]:
     """Recovered models' KL to dense split into arithmetic and other tokens (`benchmarks.recover_kl`), with paired
     gaps between the runs `_paired_runs` pairs."""
     texts = (("dense", "dense answers"), ("gold", "gold text"))
+    columns = " | ".join(f"{label}: {c}" for _, label in texts for c, _, _ in KL_CLASSES)
     lines = [
         "## Where recovered models drift: KL to dense on the arithmetic tokens", "",
         "KL(dense || model) per token, teacher-forced on a row's validation questions, over all tokens, the arithmetic "
         "ones (numbers, `=`, operators: the CoT NLL's reasoning class) and the rest; `logged` is the row's own last "
         "value, which the export must reproduce.", "",
-        "| row | " + " | ".join(f"{label}: {c}" for _, label in texts for c, _, _ in KL_CLASSES)
-        + " | arithmetic share of tokens / of KL (dense answers) | logged |",
+        f"| row | {columns} | arithmetic share of tokens / of KL (dense answers) | logged |",
         "|---|" + "---|" * (2 * len(KL_CLASSES) + 2),
     ]
     for row in rows:
@@ -906,7 +906,7 @@ def recover_kl_section(rows: list[dict]) -> list[str]:
     pairs = [(row, other) for row in rows for other in _paired_runs(rows, row)]
     if pairs:
         lines += ["", "Paired gaps, questions resampled (95 % interval):", "",
-                  "| pair | " + " | ".join(f"{label}: {c}" for _, label in texts for c, _, _ in KL_CLASSES) + " |",
+                  f"| pair | {columns} |",
                   "|---|" + "---|" * (2 * len(KL_CLASSES))]
         lines += [f"| {_pair_label(row, other)} | " + " | ".join(cell for text, _ in texts for cell in _kl_gap_cells(row, other, text))
                   + " |" for row, other in pairs]
