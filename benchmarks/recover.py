@@ -136,6 +136,10 @@ PRESETS["cpu-uniform-kd-current-L640"] = with_option(PRESETS["cpu-uniform-kd-sel
 #: calibrated on the dense traces, RKU's 40 % model drifts from dense on the arithmetic tokens where FLAP's does not
 #: (README, "Where the two models drift"), and one-shot gold calibration kept RKU's arithmetic better than FLAP's.
 PRESETS["cpu-uniform-kd-gold-calibration-L640"] = with_option(PRESETS["cpu-uniform-kd-self-L640"], "--data.calibration_source=gold")
+#: Half of each: calibrated on gold text RKU kept the arithmetic and lost the prose that ends an answer, on dense traces
+#: the reverse (README, "KD recovery with RKU calibrated on gold text"); the same 16 questions, every second one's gold
+#: solution and the others' dense traces. Does one sample keep both?
+PRESETS["cpu-uniform-kd-mixed-calibration-L640"] = with_option(PRESETS["cpu-uniform-kd-self-L640"], "--data.calibration_source=mixed")
 #: Only the dense model's right traces (`trace_keep=correct`), for calibration and for recovery: most of its traces are
 #: wrong (12-15 of 64), and KD on them teaches its mistakes. 160 questions give about 30 right traces for 64 training
 #: sequences; calibration samples the same 160 (one cached trace set) and takes its first 16 right ones.
@@ -165,6 +169,7 @@ REFERENCES: dict[str, str] = {
     "cpu-uniform-kd-self-L640-steps32": "cpu-uniform-kd-self-L640",
     "cpu-uniform-kd-current-L640": "cpu-uniform-kd-self-L640",
     "cpu-uniform-kd-gold-calibration-L640": "cpu-uniform-kd-self-L640",
+    "cpu-uniform-kd-mixed-calibration-L640": "cpu-uniform-kd-self-L640",
     "cpu-uniform-kd-correct-L640": "cpu-uniform-kd-self-L640",
     "cpu-global-mlp-kd-self-L640": "cpu-uniform-kd-self-L640",
     "cpu-global-mlp-L640": "cpu-uniform-L640",

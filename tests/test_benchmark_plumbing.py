@@ -332,6 +332,7 @@ def test_a_preset_paired_with_a_reference_preset_changes_one_thing_from_it():
                             ("cpu-uniform-kd-self-L640-steps32", {"--pruning.recovery_steps=32", "--data.trace_samples=128"}),
                             ("cpu-uniform-kd-current-L640", {"--data.calibration_source=current"}),
                             ("cpu-uniform-kd-gold-calibration-L640", {"--data.calibration_source=gold"}),
+                            ("cpu-uniform-kd-mixed-calibration-L640", {"--data.calibration_source=mixed"}),
                             ("cpu-uniform-kd-correct-L640", {"--data.trace_keep=correct", "--data.trace_samples=160",
                                                              "--data.calibration_samples=160"})):
         assert set(recover.PRESETS[preset]) - set(recover.PRESETS[recover.REFERENCES[preset]]) == options

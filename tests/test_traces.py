@@ -154,6 +154,48 @@ def test_current_calibration_source_regenerates_with_the_pruned_model(tmp_path):
     assert all(n > 0 for n in labelled)
 
 
+def test_mixed_calibration_keeps_every_second_gold_solution_and_traces_the_others() -> None:
+    from rku_lightning.evaluation.calibration import mixed_calibration_problems
+
+    traces = [Trace(1, PROBLEMS[1].question, 4.0, "2+2=4\n#### 4", 4.0, True, 7),
+              Trace(3, PROBLEMS[3].question, 8.0, "#### 6", 6.0, False, 3)]
+    mixed = mixed_calibration_problems(PROBLEMS, traces)
+    assert [p.index for p in mixed] == [0, 1, 2, 3, 4]
+    assert [p.solution for p in mixed] == ["#### 2", "2+2=4\n#### 4", "#### 6", "#### 6", "#### 10"]
+    assert [p.index for p in mixed_calibration_problems(PROBLEMS, traces, "correct")] == [0, 1, 2, 4]  # gold half stays
+    with pytest.raises(ValueError, match=r"one trace for each of problems\[1::2\]"):
+        mixed_calibration_problems(PROBLEMS, traces[::-1])
+
+
+def test_mixed_calibration_source_is_the_self_sample_half_gold(tmp_path):
+    """`calibration_source='mixed'`: the questions `self` would calibrate on, every second with its gold solution."""
+    import lightning as L
+    from test_train_cli import write_config
+
+    from rku_lightning.training.datamodule import ReasoningDataModule
+    from rku_lightning.training.lightning_module import CausalLMPruningModule
+
+    write_config(tmp_path)
+    data = tmp_path / "data"
+    module = CausalLMPruningModule(pretrained=str(tmp_path / "tiny"), kl_to_dense=False)
+    modules = {}
+    for source in ("gold", "self", "mixed"):
+        datamodule = ReasoningDataModule(train_data=str(data / "gsm8k"), val_data=str(data / "gsm8k"), ood_task=None,
+                                         val_limit=2, max_length=320, batch_size=2, calibration_samples=4,
+                                         calibration_source=source, trace_max_new_tokens=8, reference_traces=False,
+                                         trace_cache=str(tmp_path / "traces"))
+        datamodule.trainer = L.Trainer(accelerator="cpu", logger=False)
+        datamodule.trainer.strategy.connect(module)
+        datamodule.setup("fit")
+        modules[source] = datamodule
+    mixed, own = modules["mixed"].calibration_problems, modules["self"].calibration_problems
+    gold = {p.index: p.solution for p in modules["gold"].calibration_problems}
+    assert [p.index for p in mixed] == [p.index for p in own] and len(mixed) == 4
+    assert [p.solution == gold[p.index] for p in mixed] == [True, False, True, False]
+    assert modules["mixed"].calibration_info["source"] == "mixed" and modules["mixed"].calibration_info["traces"] == 2
+    assert len(modules["mixed"].calibration_dataloader()) == 2
+
+
 def test_learning_from_cut_text_warns_naming_the_option_to_raise(tmp_path):
     """Traces stopped at trace_max_new_tokens have no final answer, and max_length can cut the end off solutions:
     the data module says so (recovery on such text learns the opening prose, not the arithmetic and answer)."""

@@ -20,7 +20,7 @@ from rku_lightning.checks import positive_int
 
 from .data import Problem
 from .prompts import build_prompt, collate_left, encode_prompts, encode_solution, warn_if_cut
-from .traces import TraceFilter, as_problems, cached_traces
+from .traces import Trace, TraceFilter, as_problems, cached_traces
 
 CALIBRATION_SOURCES: tuple[str, ...] = ("gold", "self")
 
@@ -66,6 +66,20 @@ def calibration_batches(
             batch.pop("reasoning_mask", None)
         batches.append(batch)
     return batches
+
+
+def mixed_calibration_problems(problems: Sequence[Problem], traces: Sequence[Trace], keep: TraceFilter = "all") -> list[Problem]:
+    """`problems` (a calibration sample, in order) with every second one's gold solution replaced by its model trace.
+
+    `traces` are the traces of `problems[1::2]`. Why: calibrated on gold text RKU keeps the arithmetic and loses the
+    prose that carries an answer to its end, on the dense model's traces the reverse (README, "KD recovery with RKU
+    calibrated on gold text"); half of each, on the same questions' count, asks whether one sample keeps both.
+    `keep="correct"` drops the wrong traces (the gold half stays).
+    """
+    if [t.index for t in traces] != [p.index for p in problems[1::2]]:
+        raise ValueError("traces: need one trace for each of problems[1::2], in their order")
+    traced = {p.index: p for p in as_problems(traces, keep)}
+    return [p if i % 2 == 0 else traced[p.index] for i, p in enumerate(problems) if i % 2 == 0 or p.index in traced]
 
 
 def self_calibration_problems(
