@@ -285,12 +285,10 @@ class ReasoningDataModule(LightningDataModule):
                 self.calibration_problems = self._fits(list(calib), "calibration_data")
             if hp.calibration_source in ("self", "mixed"):
                 chosen = sample_problems(self.calibration_problems, hp.calibration_samples, hp.seed)
-                if hp.calibration_source == "self":
-                    traces = self._dense_traces(chosen, "calibration_source")
-                    self.calibration_problems = as_problems(traces, hp.trace_keep)
-                else:
-                    traces = self._dense_traces(chosen[1::2], "calibration_source")
-                    self.calibration_problems = mixed_calibration_problems(chosen, traces, hp.trace_keep)
+                own = hp.calibration_source == "self"
+                traces = self._dense_traces(chosen if own else chosen[1::2], "calibration_source")
+                self.calibration_problems = (as_problems(traces, hp.trace_keep) if own
+                                             else mixed_calibration_problems(chosen, traces, hp.trace_keep))
                 self.calibration_info = self._trace_info(traces)
             if hp.train_source == "self":
                 chosen = sample_problems(self.train_problems, hp.trace_samples, hp.seed)
