@@ -84,7 +84,8 @@ def test_the_main_job_shrunk_on_the_embedded_model(tmp_path, monkeypatch, capsys
 def test_the_summary_counts_answers_and_refuses_a_run_without_pruning():
     dense = {"round": 0, "sparsity": 0.0, "params": 100, "kv_cache_bytes_per_token": 64,
              "metrics": {"val/gsm8k_acc": 0.5, "val/gsm8k_truncated": 0.25, "val/ood_acc": 0.25, "val/kl_to_dense": 0.0}}
-    pruned = {"round": 1, "sparsity": 0.2, "params": 80, "kv_cache_bytes_per_token": 48,
+    pruned = {"round": 1, "sparsity": 0.2, "params": 80, "kv_cache_bytes_per_token": 48, "dense_params": 100,
+              "dense_kv_cache_bytes_per_token": 64,
               "metrics": {"val/gsm8k_acc": 0.25, "val/gsm8k_truncated": 0.75, "val/ood_acc": 0.25, "val/ood_truncated": float("nan"),
                           "val/kl_to_dense": 0.1}}
     speed = {"dense": {"median": 10.0, "runs": [10.0, 9.0, 11.0]}, "pruned": {"median": 12.5, "runs": [12.5, 9.9, 15.4]},
@@ -100,5 +101,11 @@ def test_the_summary_counts_answers_and_refuses_a_run_without_pruning():
     assert "gsm8k: 2/8 correct (dense 4/8); 6 cut at the token cap (dense 2)" in text and "svamp: 1/4 correct (dense 1/4)\n" in text
     assert summary["traces"] == traces and "train_source: 64 dense traces, 15 right, 23 stopped at the token cap (cached)" in text
     assert "1.25x" in text and "3 interleaved pairs 1.10-1.40x" in text and "1 min 15 s" in text and "100 -> 80" not in text
+    # A run that skipped the dense evaluation still knows how big the dense model was, not how well it answered.
+    unevaluated = summarize([pruned], {"val/gsm8k_acc": ("gsm8k", 8)}, None, 75.0, None, None)
+    assert unevaluated["params"] == {"dense": 100, "pruned": 80}
+    assert unevaluated["kv_cache_bytes_per_token"] == {"dense": 64, "pruned": 48}
+    assert "KV cache 64 -> 48 bytes/token" in format_summary(unevaluated)
+    assert "gsm8k: 2/8 correct (dense ?/8)" in format_summary(unevaluated)
     with pytest.raises(ValueError, match="pruned nothing"):
         summarize([dense], {}, None, 1.0, None, None)

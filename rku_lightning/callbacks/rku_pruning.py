@@ -503,6 +503,9 @@ class RKUPruning(Callback):
             "params": report.total_params_after,
             "decoder_params": report.decoder_params_after,
             "kv_cache_bytes_per_token": report.kv_cache_bytes_per_token_after,
+            # The dense sizes, known without evaluating the dense model (which a run may skip).
+            "dense_params": report.total_params_before,
+            "dense_kv_cache_bytes_per_token": report.kv_cache_bytes_per_token_before,
             "layers": [vars(layer).copy() for layer in report.layers],
         }
 

@@ -51,13 +51,13 @@ def summarize(
         pairs = [p / d for d, p in zip(speed["dense"]["runs"], speed["pruned"]["runs"])]
         speeds = {"dense_tokens_per_s": speed["dense"]["median"], "pruned_tokens_per_s": speed["pruned"]["median"],
                   "speedup": speed["pruned"]["median"] / speed["dense"]["median"], "pair_speedups": pairs, "settings": speed["settings"]}
-    first_params = dense["params"] if dense else None
     return {
         "rounds": final["round"],
         "reached_target": reached_target,
         "sparsity": final["sparsity"],
-        "params": {"dense": first_params, "pruned": final["params"]},
-        "kv_cache_bytes_per_token": {"dense": dense["kv_cache_bytes_per_token"] if dense else None,
+        # Sizes known without evaluating the dense model; `get`: records of checkpoints written before they were kept.
+        "params": {"dense": final.get("dense_params"), "pruned": final["params"]},
+        "kv_cache_bytes_per_token": {"dense": final.get("dense_kv_cache_bytes_per_token"),
                                      "pruned": final["kv_cache_bytes_per_token"]},
         "accuracy": accuracy,
         "kl_to_dense": {r["round"]: r["metrics"]["val/kl_to_dense"] for r in rounds if "val/kl_to_dense" in r.get("metrics", {})},
